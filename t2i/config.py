@@ -1,0 +1,199 @@
+"""The typed configuration of a t2i run: one frozen dataclass per concern, loaded from YAML.
+
+    config = load_config("configs/demo.yaml", overrides=["train.unet.steps=200"])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from t2i.config_io import apply_overrides, from_dict, read_yaml
+
+Device = Literal["auto", "cpu", "cuda"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+Stage = Literal["vae", "clip", "unet"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["shapes"] = "shapes"
+    size: int = 20_000
+    resolution: int = 32
+    seed: int = 0
+    # (colour shape) pairs never shown in training, in any scene, to measure compositional generalisation.
+    held_out: tuple[str, ...] = ("green triangle", "yellow circle", "white square")
+    two_object_fraction: float = 0.3
+    paraphrase_prob: float = 0.2
+
+    def __post_init__(self):
+        _check(self.size >= 1, "data.size must be at least 1")
+        _check(self.resolution in (32, 64), "data.resolution must be 32 or 64 for the shapes dataset")
+        _check(0.0 <= self.two_object_fraction <= 1.0, "data.two_object_fraction must lie in [0, 1]")
+        _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob must lie in [0, 1]")
+        for pair in self.held_out:
+            _check(len(pair.split()) == 2, f"data.held_out entries look like 'green triangle'; got {pair!r}")
+
+    @property
+    def held_out_pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(tuple(pair.split()) for pair in self.held_out)  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """diffusers AutoencoderKL; the latent factor is 2 ** (len(block_out_channels) - 1)."""
+
+    block_out_channels: tuple[int, ...] = (8, 16, 32)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_num_groups: int = 4
+    l1_weight: float = 0.5
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "vae.norm_num_groups must divide every entry of vae.block_out_channels")
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Where the text encoder comes from: trained here (`scratch`, stage clip) or loaded pretrained."""
+
+    source: Literal["scratch", "open_clip", "hf_clip"] = "scratch"
+    # scratch: an open_clip CLIP built from these sizes and trained contrastively on the data.
+    width: int = 64
+    layers: int = 2
+    heads: int = 4
+    context_length: int = 77
+    embed_dim: int = 64
+    vision_width: int = 64
+    vision_layers: int = 2
+    vision_patch_size: int = 4
+    # open_clip: a model name (e.g. ViT-B-32) and a local weights file; hf_clip: a CLIPTextModel folder.
+    open_clip_name: str | None = None
+    weights_path: str | None = None
+    hf_path: str | None = None
+
+    def __post_init__(self):
+        if self.source == "open_clip":
+            _check(self.open_clip_name is not None and self.weights_path is not None,
+                   "text_encoder.source 'open_clip' needs text_encoder.open_clip_name and text_encoder.weights_path")
+        if self.source == "hf_clip":
+            _check(self.hf_path is not None, "text_encoder.source 'hf_clip' needs text_encoder.hf_path")
+        _check(self.width % self.heads == 0, "text_encoder.heads must divide text_encoder.width")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers UNet2DConditionModel with cross-attention on the text encoder's token states."""
+
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    norm_num_groups: int = 32
+    # Cross-attention blocks at every level by default; False leaves that level convolution-only.
+    cross_attention: tuple[bool, ...] = (True, True)
+
+    def __post_init__(self):
+        _check(len(self.cross_attention) == len(self.block_out_channels),
+               "unet.cross_attention needs one entry per unet.block_out_channels entry")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "unet.norm_num_groups must divide every entry of unet.block_out_channels")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
+    num_train_timesteps: int = 1000
+    # Probability of training on the empty prompt, so that classifier-free guidance works.
+    caption_dropout: float = 0.1
+    # Min-SNR-gamma loss weighting (Hang et al. 2023); None weighs every timestep equally.
+    min_snr_gamma: float | None = None
+
+    def __post_init__(self):
+        _check(0.0 <= self.caption_dropout < 1.0, "diffusion.caption_dropout must lie in [0, 1)")
+        _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be at least 2")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How one stage trains; the loop shared by every stage reads it."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    final_learning_rate_fraction: float = 0.1
+    lr_schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_accum_steps: int = 1
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    mixed_precision: MixedPrecision = "no"
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "steps must be at least 1")
+        _check(self.batch_size >= 1, "batch_size must be at least 1")
+        _check(self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1")
+        _check(self.learning_rate > 0, "learning_rate must be positive")
+        _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must lie in (0, 1)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
+
+
+@dataclass(frozen=True)
+class StageTrainConfigs:
+    vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, learning_rate=4e-3))
+    clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=128, learning_rate=2e-3))
+    unet: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Defaults saved with the pipeline and used by reports."""
+
+    steps: int = 30
+    guidance_scale: float = 2.0
+    sampler: str = "dpmpp_2m"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: str = "runs/t2i"
+    device: Device = "auto"
+    stages: tuple[Stage, ...] = ("vae", "clip", "unet")
+    # Encode the whole dataset with the frozen VAE once before the unet stage, instead of every step.
+    cache_latents: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: StageTrainConfigs = field(default_factory=StageTrainConfigs)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        if "clip" in self.stages:
+            _check(self.text_encoder.source == "scratch",
+                   "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "
+                   "text_encoder.source is pretrained")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a RunConfig from YAML (or the defaults, when `path` is None) and apply `key=value` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(RunConfig, apply_overrides(data, overrides or []))
