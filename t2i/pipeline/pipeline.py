@@ -55,6 +55,7 @@ class Text2ImagePipeline:
         self.unet = unet.eval()
         self.scheduler_config = dict(scheduler_config)
         self.defaults = {"num_inference_steps": 30, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **(defaults or {})}
+        self.device, self.dtype = self.unet.device, self.unet.dtype
 
     # ----------------------------------------------------------------- loading, saving, moving
 

@@ -1,0 +1,120 @@
+"""A whole training run: the configured stages in order, each in its own folder, then the pipeline.
+
+    run_dir/config.yaml          the resolved config
+    run_dir/vae/final            AutoencoderKL (diffusers format, measured scaling factor)
+    run_dir/clip/final           open_clip text encoder (when trained here)
+    run_dir/unet/final           UNet2DConditionModel
+    run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
+    run_dir/pipeline             the assembled Text2ImagePipeline
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import AutoencoderKL
+
+from t2i.config import RunConfig
+from t2i.config_io import to_dict
+from t2i.data.latents import encode_dataset
+from t2i.data.shapes import ShapesDataset, prompt_suite
+from t2i.diffusion.schedules import scheduler_config
+from t2i.errors import T2IError
+from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
+from t2i.models.unet import build_unet
+from t2i.models.vae import build_vae
+from t2i.pipeline import Text2ImagePipeline
+from t2i.pipeline.pipeline import resolve_device
+from t2i.training.loop import FINAL, train
+from t2i.training.stages.clip import ClipStage
+from t2i.training.stages.unet import UNetStage
+from t2i.training.stages.vae import VAEStage
+
+PREVIEW_PROMPTS = 8
+
+
+def build_dataset(config: RunConfig) -> ShapesDataset:
+    data = config.data
+    return ShapesDataset(size=data.size, resolution=data.resolution, seed=data.seed, held_out=data.held_out_pairs,
+                         two_object_fraction=data.two_object_fraction, paraphrase_prob=data.paraphrase_prob)
+
+
+def load_vae(run_dir: Path) -> AutoencoderKL:
+    folder = run_dir / "vae" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained VAE at '{folder}': add 'vae' to stages, or train it first")
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def load_text_encoder(config: RunConfig, run_dir: Path) -> TextEncoder:
+    if config.text_encoder.source != "scratch":
+        return build_text_encoder(config.text_encoder, config.data.resolution)
+    folder = run_dir / "clip" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained text encoder at '{folder}': add 'clip' to stages, or train it first")
+    return OpenClipTextEncoder.load(folder)
+
+
+def pipeline_scheduler_config(config: RunConfig) -> dict:
+    diffusion = config.diffusion
+    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction)
+
+
+def run_training(config: RunConfig, resume: bool = False) -> Path:
+    """Train every configured stage (skipping finished ones when resuming) and save the pipeline."""
+    run_dir = Path(config.run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
+                       "another folder with --set run_dir=...")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    device = resolve_device(config.device)
+    resolved = to_dict(config)
+    dataset = build_dataset(config)
+
+    for name in config.stages:
+        stage_dir = run_dir / name
+        if (stage_dir / FINAL).is_dir():
+            print(f"[{name}] already trained: {stage_dir / FINAL}")
+            continue
+        train_config = getattr(config.train, name)
+        torch.manual_seed(train_config.seed)  # the same initial weights on every run
+        stage, stage_data = _build_stage(name, config, run_dir, dataset, device)
+        train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume)
+    return assemble_pipeline(config, run_dir)
+
+
+def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDataset, device: torch.device):
+    resolution = config.data.resolution
+    if name == "vae":
+        return VAEStage(build_vae(config.vae, resolution), config.vae, dataset), dataset
+    if name == "clip":
+        return ClipStage(OpenClipTextEncoder.from_config(config.text_encoder, resolution)), dataset
+    if name == "unet":
+        vae = load_vae(run_dir).to(device)
+        text_encoder = load_text_encoder(config, run_dir)
+        unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
+                          resolution // config.vae.latent_factor)
+        preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
+        stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
+                          device)
+        return stage, (encode_dataset(vae, dataset) if config.cache_latents else dataset)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
+    from diffusers import UNet2DConditionModel
+
+    unet_folder = run_dir / "unet" / FINAL
+    if not unet_folder.is_dir():
+        raise T2IError(f"no trained U-Net at '{unet_folder}': add 'unet' to stages")
+    sampling = config.sampling
+    pipe = Text2ImagePipeline(
+        load_vae(run_dir), load_text_encoder(config, run_dir), UNet2DConditionModel.from_pretrained(unet_folder),
+        pipeline_scheduler_config(config),
+        defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+                  "sampler": sampling.sampler},
+    )
+    pipe.save_pretrained(run_dir / "pipeline")
+    return run_dir / "pipeline"
