@@ -74,7 +74,9 @@ class Text2ImagePipeline:
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         for module in (self.vae, self.text_encoder, self.unet):
-            module.to(self.device, self.dtype)
+            module.to(self.device)
+            if next(module.parameters()).dtype != self.dtype:  # diffusers warns on every dtype cast
+                module.to(self.dtype)
         return self
 
     @property
@@ -164,6 +166,9 @@ class Text2ImagePipeline:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+        if not torch.isfinite(latents).all():
+            raise T2IError(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps or "
+                           "another sampler")
         return latents
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -68,6 +69,9 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
     if device.type == "cpu" and mixed_precision == "fp16":
         raise T2IError("mixed_precision 'fp16' needs a GPU; on the CPU use 'no' (fastest there) or 'bf16'")
+    # accelerate keeps mixed precision in a process-wide singleton; stages of one run may each set their own, so
+    # clear it (keeping the distributed PartialState) before every stage.
+    AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision)
 
 
@@ -77,18 +81,19 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
     (the EMA weights, when EMA is on), after `stage.save` has exported it to `run_dir / FINAL`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(device, config.mixed_precision)
-    model = stage.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(stage.model.parameters(), lr=config.learning_rate,
+                                  weight_decay=config.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    stage_loss, optimizer = accelerator.prepare(_StageLoss(stage), optimizer)
+    model = accelerator.unwrap_model(stage_loss).model  # the bare network: checkpointed, EMA'd, sampled
     ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay else None
 
     state = TrainingState(step=0, micro_batches=0)
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
-        state, ema_weights = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, lr_scheduler)
+        state, ema_weights = load_checkpoint(checkpoint, model, optimizer, lr_scheduler)
         if ema is not None and ema_weights is not None:
-            _load_ema(ema, accelerator.unwrap_model(model), ema_weights, state.step)
+            _load_ema(ema, model, ema_weights, state.step)
         accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {state.step}")
 
     sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=config.seed,
@@ -100,8 +105,8 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
 
     def checkpoint_now() -> None:
         if accelerator.is_main_process:
-            ema_weights = _ema_weights(ema, accelerator.unwrap_model(model)) if ema else None
-            save_checkpoint(run_dir, state, accelerator.unwrap_model(model), ema_weights, optimizer, lr_scheduler,
+            ema_weights = _ema_weights(ema, model) if ema else None
+            save_checkpoint(run_dir, state, model, ema_weights, optimizer, lr_scheduler,
                             resolved_config, config.keep_checkpoints)
 
     model.train()
@@ -116,8 +121,8 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
                 + accelerator.process_index)
             batch = _to_device(next(batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
-            with accelerator.no_sync(model) if not last_micro else _nullcontext(), accelerator.autocast():
-                loss, metrics = stage.loss(model, batch, generator)
+            with accelerator.no_sync(stage_loss) if not last_micro else _nullcontext(), accelerator.autocast():
+                loss, metrics = stage_loss(batch, generator)
                 accelerator.backward(loss / config.grad_accum_steps)
             state.micro_batches += 1
             for key, value in {"loss": loss.item(), **metrics}.items():
@@ -143,23 +148,34 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
                     tensorboard.add_scalar(f"{stage.name}/{key}", value, state.step)
         if config.sample_every and state.step % config.sample_every == 0 and accelerator.is_main_process:
             with _ema_applied(ema, model):
-                stage.sample(accelerator.unwrap_model(model), run_dir / "samples" / f"step_{state.step:07d}.png")
+                stage.sample(model, run_dir / "samples" / f"step_{state.step:07d}.png")
             model.train()
         if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
             checkpoint_now()
     progress.close()
     checkpoint_now()
 
-    final = accelerator.unwrap_model(model)
     if ema is not None:
-        ema.copy_to(final.parameters())
-    final.eval()
+        ema.copy_to(model.parameters())
+    model.eval()
     if accelerator.is_main_process:
-        _save_atomically(stage, final, run_dir / FINAL)
+        _save_atomically(stage, model, run_dir / FINAL)
     accelerator.wait_for_everyone()
     if tensorboard is not None:
         tensorboard.close()
-    return final
+    return model
+
+
+class _StageLoss(torch.nn.Module):
+    """Routes a stage's loss through `forward`, so that DistributedDataParallel sees (and syncs) every step."""
+
+    def __init__(self, stage: Stage):
+        super().__init__()
+        self.model = stage.model
+        self.loss = stage.loss
+
+    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        return self.loss(self.model, batch, generator)
 
 
 def _save_atomically(stage: Stage, model: torch.nn.Module, folder: Path) -> None:

@@ -1,0 +1,124 @@
+"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from t2i.errors import T2IError
+
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "heun", "unipc")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Latent text-to-image diffusion: train and sample.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="generate the shapes dataset, train VAE, CLIP and U-Net, sample, judge and report",
+        description="The main job: with no downloads, train a small text-to-image model on the procedural "
+                    "shapes dataset, save it to OUT/pipeline, render a fixed prompt list (including held-out "
+                    "combinations), judge every image and write OUT/grid.png and OUT/report.html. "
+                    "Re-running with the same OUT resumes.")
+    demo.add_argument("--out", type=Path, default=Path("t2i-demo"),
+                      help="folder for the run, the pipeline, grid.png and report.html (default: t2i-demo)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where to train and sample; cuda trains a larger configuration (default: auto)")
+    demo.add_argument("--config", type=Path, default=None,
+                      help="a run config to use instead of configs/demo.yaml (or demo_gpu.yaml on cuda)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.unet.steps=500 (repeatable)")
+
+    train = commands.add_parser(
+        "train", help="train the stages of a run config",
+        description="Train the stages listed in CONFIG (vae, clip, unet) and save the pipeline to "
+                    "RUN_DIR/pipeline. Checkpoints, metrics.jsonl and sample grids go to RUN_DIR/<stage>.")
+    train.add_argument("config", type=Path, help="a run config in YAML (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value with a dotted key, e.g. --set train.unet.lr=1e-4 "
+                            "(the value is read as YAML; repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in run_dir from its latest checkpoints, skipping finished stages")
+
+    generate = commands.add_parser(
+        "generate", help="generate images from a prompt with a saved pipeline",
+        description="Generate images for PROMPT with a t2i pipeline folder or a diffusers Stable Diffusion "
+                    "folder. Image i uses seed SEED+i.")
+    generate.add_argument("prompt", help="what to draw, e.g. 'a large red circle'")
+    generate.add_argument("--model", type=Path, required=True, help="pipeline folder (t2i or diffusers SD)")
+    generate.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    generate.add_argument("--guidance", type=float, default=None,
+                          help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                          help="sampling method (default: the pipeline's, dpmpp_2m)")
+    generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
+    generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")
+    generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: trained size)")
+    generate.add_argument("--out", type=Path, default=Path("t2i.png"),
+                          help="output PNG; with several images, NAME-0.png, NAME-1.png, ... (default: t2i.png)")
+    generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                          help="where to run (default: auto)")
+    return parser
+
+
+def _demo(args) -> None:
+    from t2i.demo import run_demo
+
+    run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides)
+
+
+def _train(args) -> None:
+    from t2i.config import load_config
+    from t2i.training.run import run_training
+
+    pipeline = run_training(load_config(args.config, args.overrides), resume=args.resume)
+    print(f"pipeline saved to {pipeline}")
+
+
+def _generate(args) -> None:
+    from t2i import Text2ImagePipeline
+
+    if args.num_images < 1:
+        raise T2IError(f"--num-images must be at least 1; got {args.num_images}")
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device)
+    images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+                  sampler=args.sampler, progress=True)
+    out = args.out if args.out.suffix else args.out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(path)
+
+
+def _quiet_libraries() -> None:
+    """Show t2i's own warnings (e.g. prompt truncation) plainly; keep the libraries' chatter out."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("t2i: warning: %(message)s"))
+    logger = logging.getLogger("t2i")
+    logger.addHandler(handler)
+    logger.propagate = False
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        {"demo": _demo, "train": _train, "generate": _generate}[args.command](args)
+    except T2IError as error:
+        print(f"t2i {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""The t2i command on tiny configs: help texts, train, generate, demo, and errors without tracebacks."""
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from t2i.cli import main
+
+from conftest import TINY_CONFIG
+
+OPTIONS = {
+    "demo": ["--out", "--device", "--config", "--set"],
+    "train": ["config", "--set", "--resume"],
+    "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
+                 "--height", "--width", "--out", "--device"],
+}
+
+
+@pytest.mark.parametrize("command", list(OPTIONS))
+def test_every_command_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in OPTIONS[command]:
+        assert option in text
+
+
+def test_console_script_runs():
+    result = subprocess.run([sys.executable, "-m", "t2i.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "demo" in result.stdout and "generate" in result.stdout
+
+
+def test_generate_writes_images(trained_run, tmp_path, capsys):
+    out = tmp_path / "red.png"
+    assert main(["generate", "--model", str(trained_run / "pipeline"), "a large red circle", "--num-images", "2",
+                 "--steps", "3", "--seed", "4", "--sampler", "euler", "--out", str(out)]) == 0
+    for i in range(2):
+        assert Image.open(tmp_path / f"red-{i}.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--model", "/nonexistent/model", "a red circle"], "model folder '/nonexistent/model' does not exist"),
+    (["generate", "--model", "{pipeline}", ""], "the prompt is empty"),
+    (["generate", "--model", "{pipeline}", "a red circle", "--height", "31"], "height 31 is not a positive multiple"),
+    (["train", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
+    (["train", str(TINY_CONFIG), "--set", "unet.depth=3"], "unknown config key 'unet.depth'"),
+])
+def test_errors_are_one_clear_line(trained_run, capsys, args, message):
+    args = [a.replace("{pipeline}", str(trained_run / "pipeline")) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_sampler_is_rejected_with_the_valid_names(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", "x", "a red circle", "--sampler", "plms"])
+    assert "dpmpp_2m" in capsys.readouterr().err
+
+
+def test_train_then_resume(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", str(TINY_CONFIG), "--set", f"run_dir={run_dir}", "--set", "train.unet.steps=2",
+                 "--set", "train.unet.sample_every=0"]) == 0
+    assert (run_dir / "pipeline" / "t2i_pipeline.json").is_file()
+    assert main(["train", str(TINY_CONFIG), "--set", f"run_dir={run_dir}", "--set", "train.unet.steps=2",
+                 "--set", "train.unet.sample_every=0", "--resume"]) == 0
+    assert "already trained" in capsys.readouterr().out
+
+
+def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--config", str(TINY_CONFIG),
+                 "--set", "train.unet.sample_every=0"]) == 0
+    printed = capsys.readouterr().out
+    assert "judged accuracy" in printed and "targets:" in printed
+    assert (out / "pipeline" / "t2i_pipeline.json").is_file()
+    grid = Image.open(out / "grid.png")
+    assert grid.width > 32 * 8
+    report = (out / "report.html").read_text()
+    assert "a large red" in report or "a small red" in report
+    assert "held_out" in report and "two_object" in report and "Loss curves" in report
+    assert "no metrics recorded" not in report
+    assert report.count("data:image/png;base64") == 96 + 1  # every sample and the loss curves

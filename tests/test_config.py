@@ -1,0 +1,68 @@
+"""Typed configs: YAML in, dotted overrides, and errors that name the bad key."""
+import pytest
+import yaml
+
+from t2i.config import RunConfig, load_config
+from t2i.config_io import from_dict, to_dict
+from t2i.errors import ConfigError
+
+from conftest import REPO
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_gpu.yaml", "tiny.yaml"])
+def test_shipped_configs_load(name):
+    config = load_config(REPO / "configs" / name)
+    assert isinstance(config, RunConfig)
+    assert config.stages == ("vae", "clip", "unet")
+
+
+def test_overrides_are_typed():
+    config = load_config(REPO / "configs" / "tiny.yaml",
+                         ["train.unet.steps=7", "unet.block_out_channels=[16, 32]", "diffusion.min_snr_gamma=5",
+                          "train.unet.ema_decay=null"])
+    assert config.train.unet.steps == 7
+    assert config.unet.block_out_channels == (16, 32)
+    assert config.diffusion.min_snr_gamma == 5.0 and isinstance(config.diffusion.min_snr_gamma, float)
+    assert config.train.unet.ema_decay is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("unet.widths=[1]", "unknown config key 'unet.widths'"),
+    ("train.unet.stpes=3", "unknown config key 'train.unet.stpes'"),
+    ("train.unet.steps=many", "'train.unet.steps' must be an integer; got 'many'"),
+    ("train.unet.steps=2.5", "'train.unet.steps' must be an integer"),
+    ("diffusion.schedule=quadratic", "'diffusion.schedule' must be one of 'linear', 'scaled_linear', 'cosine'"),
+    ("train.vae.mixed_precision=fp8", "'train.vae.mixed_precision' must be one of 'no', 'fp16', 'bf16'"),
+    ("unet.block_out_channels=64", "'unet.block_out_channels' must be a list"),
+    ("data.resolution=48", "data.resolution must be 32 or 64"),
+    ("unet.cross_attention=[true]", "one entry per unet.block_out_channels"),
+    ("train.unet.batch_size=0", "batch_size must be at least 1"),
+    ("stages=[vae, sr]", "'stages\\[1\\]' must be one of 'vae', 'clip', 'unet'"),
+    ("train.unet", "must look like key.subkey=value"),
+    ("unet.block_out_channels.x=1", "'unet.block_out_channels' is not a section"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_pretrained_text_encoder_needs_its_paths_and_no_clip_stage():
+    with pytest.raises(ConfigError, match="needs text_encoder.hf_path"):
+        load_config(None, ["text_encoder.source=hf_clip"])
+    with pytest.raises(ConfigError, match="stage 'clip' trains a text encoder from scratch"):
+        load_config(None, ["text_encoder.source=hf_clip", "text_encoder.hf_path=/x"])
+
+
+def test_resolved_config_round_trips_through_yaml():
+    config = load_config(REPO / "configs" / "demo.yaml")
+    again = from_dict(RunConfig, yaml.safe_load(yaml.safe_dump(to_dict(config))))
+    assert again == config

@@ -1,0 +1,124 @@
+"""Schedules, parameterisations, losses and guidance against known values and diffusers' own numbers."""
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from t2i.config import TrainConfig
+from t2i.diffusion.guidance import classifier_free_guidance
+from t2i.diffusion.losses import diffusion_loss, min_snr_weights
+from t2i.diffusion.parameterization import (
+    add_noise, eps_from_v, training_target, velocity, x0_from_eps, x0_from_v,
+)
+from t2i.diffusion.samplers import SAMPLERS, make_scheduler
+from t2i.diffusion.schedules import (
+    COSINE_OFFSET, alphas_cumprod, betas, cosine_alpha_bar, scheduler_config, snr,
+)
+from t2i.errors import T2IError
+from t2i.training.loop import lr_multiplier
+
+T = 1000
+
+
+def test_linear_schedule_matches_ddpm_endpoints():
+    b = betas("linear", T)
+    assert b[0].item() == pytest.approx(1e-4)
+    assert b[-1].item() == pytest.approx(0.02)
+    assert b[1].item() - b[0].item() == pytest.approx((0.02 - 1e-4) / (T - 1))
+
+
+def test_scaled_linear_schedule_is_stable_diffusions():
+    b = betas("scaled_linear", T)
+    assert b[0].item() == pytest.approx(0.00085)
+    assert b[-1].item() == pytest.approx(0.012)
+    t = 500
+    expected = (0.00085**0.5 + t / (T - 1) * (0.012**0.5 - 0.00085**0.5)) ** 2  # linear in √β
+    assert b[t].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_cosine_schedule_follows_improved_ddpm_eq17():
+    a = alphas_cumprod("cosine", T)
+    f0 = math.cos(COSINE_OFFSET / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+    for t in (0, 10, 500, 900):
+        expected = cosine_alpha_bar(torch.tensor((t + 1) / T, dtype=torch.float64)).item() / f0
+        assert a[t].item() == pytest.approx(expected, rel=1e-9)
+    assert betas("cosine", T).max().item() <= 0.999
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_schedules_agree_with_diffusers_scheduler_config(schedule):
+    reference = DDPMScheduler.from_config(scheduler_config(schedule, T, "epsilon"))
+    assert torch.allclose(alphas_cumprod(schedule, T).float(), reference.alphas_cumprod, atol=1e-6)
+
+
+def test_snr_known_value():
+    assert snr(torch.tensor(0.5)).item() == pytest.approx(1.0)
+    assert snr(torch.tensor(0.8)).item() == pytest.approx(4.0)
+
+
+def test_forward_process_and_velocity_match_diffusers():
+    reference = DDPMScheduler.from_config(scheduler_config("cosine", T, "v_prediction"))
+    x0, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    a = reference.alphas_cumprod[t]
+    assert torch.allclose(add_noise(x0, noise, a), reference.add_noise(x0, noise, t), atol=1e-5)
+    assert torch.allclose(velocity(x0, noise, a), reference.get_velocity(x0, noise, t), atol=1e-5)
+
+
+def test_parameterisations_invert_each_other():
+    x0, eps = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    a = torch.tensor([0.9, 0.5, 0.01], dtype=torch.float64)
+    xt = add_noise(x0, eps, a)
+    v = velocity(x0, eps, a)
+    assert torch.allclose(x0_from_eps(xt, eps, a), x0)
+    assert torch.allclose(x0_from_v(xt, v, a), x0)
+    assert torch.allclose(eps_from_v(xt, v, a), eps)
+    assert torch.equal(training_target("epsilon", x0, eps, a), eps)
+    assert torch.allclose(training_target("v_prediction", x0, eps, a), v)
+    with pytest.raises(ValueError, match="valid: epsilon, v_prediction"):
+        training_target("sample", x0, eps, a)
+
+
+def test_min_snr_weights_known_values():
+    a = torch.tensor([0.5, 0.9, 0.1])  # SNR 1, 9, 1/9
+    eps = min_snr_weights(a, gamma=5.0, prediction="epsilon")
+    v = min_snr_weights(a, gamma=5.0, prediction="v_prediction")
+    assert eps.tolist() == pytest.approx([1.0, 5 / 9, 1.0])
+    assert v.tolist() == pytest.approx([0.5, 5 / 10, (1 / 9) / (1 / 9 + 1)])
+
+
+def test_diffusion_loss_is_weighted_mse():
+    prediction, target = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
+    target[1] *= 2
+    assert diffusion_loss(prediction, prediction).item() == 0
+    assert diffusion_loss(prediction, target).item() == pytest.approx((1 + 4) / 2)
+    assert diffusion_loss(prediction, target, torch.tensor([1.0, 0.0])).item() == pytest.approx(0.5)
+
+
+def test_guidance_one_is_the_conditional_prediction():
+    uncond, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(classifier_free_guidance(uncond, cond, 1.0), cond, atol=1e-6)
+    assert torch.allclose(classifier_free_guidance(uncond, cond, 0.0), uncond, atol=1e-6)
+    assert torch.allclose(classifier_free_guidance(uncond, cond, 3.0), 3 * cond - 2 * uncond, atol=1e-6)
+
+
+def test_every_sampler_builds_and_unknown_names_are_listed():
+    config = scheduler_config("cosine", T, "v_prediction")
+    for name in SAMPLERS:
+        scheduler = make_scheduler(name, config)
+        scheduler.set_timesteps(5)
+        assert scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(T2IError, match="unknown sampler 'plms'.*ddpm, ddim, dpmpp_2m, euler, euler_a, heun, unipc"):
+        make_scheduler("plms", config)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    config = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine", final_learning_rate_fraction=0.1)
+    assert lr_multiplier(0, config) == pytest.approx(0.1)
+    assert lr_multiplier(9, config) == pytest.approx(1.0)
+    assert lr_multiplier(60, config) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(110, config) == pytest.approx(0.1)
+    linear = TrainConfig(steps=100, lr_schedule="linear", final_learning_rate_fraction=0.0)
+    assert lr_multiplier(50, linear) == pytest.approx(0.5)
+    assert lr_multiplier(50, TrainConfig(steps=100, lr_schedule="constant")) == 1.0

@@ -1,0 +1,102 @@
+"""Text2ImagePipeline on tiny random models: seeds, guidance, samplers, save/load, and bad input."""
+import logging
+
+import numpy as np
+import pytest
+
+from t2i import Text2ImagePipeline
+from t2i.diffusion.samplers import SAMPLERS
+from t2i.errors import T2IError
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images]).astype(np.int16)
+
+
+def test_images_are_pil_of_the_trained_size(tiny_pipeline):
+    images = tiny_pipeline(["a large red circle", "a small blue square"], seed=0)
+    assert len(images) == 2
+    assert all(image.size == (32, 32) and image.mode == "RGB" for image in images)
+
+
+def test_same_seed_same_image_and_different_seed_different_image(tiny_pipeline):
+    first = pixels(tiny_pipeline("a large red circle", seed=3))
+    again = pixels(tiny_pipeline("a large red circle", seed=3))
+    other = pixels(tiny_pipeline("a large red circle", seed=4))
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 10
+
+
+def test_image_i_of_a_call_uses_seed_plus_i(tiny_pipeline):
+    prompts = ["a large red circle", "a small blue square", "a white triangle at the top"]
+    batch = pixels(tiny_pipeline(prompts, seed=11))
+    singles = pixels([tiny_pipeline(prompt, seed=11 + i)[0] for i, prompt in enumerate(prompts)])
+    assert np.abs(batch - singles).max() <= 2
+    listed = pixels(tiny_pipeline(prompts, seed=[11, 12, 13]))
+    assert np.abs(listed - batch).max() <= 2
+
+
+def test_guidance_one_equals_the_conditional_prediction(tiny_pipeline):
+    """At w = 1 the pipeline skips the unconditional pass; with ∅ = the prompt itself, CFG at any w gives ε(c)."""
+    prompt = "a large green circle on the left"
+    unguided = pixels(tiny_pipeline(prompt, guidance_scale=1.0, seed=5))
+    self_guided = pixels(tiny_pipeline(prompt, negative_prompt=prompt, guidance_scale=4.0, seed=5))
+    guided = pixels(tiny_pipeline(prompt, guidance_scale=4.0, seed=5))
+    assert np.abs(unguided - self_guided).max() <= 1
+    assert np.abs(unguided - guided).max() > 1
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_every_sampler_samples(tiny_pipeline, sampler):
+    image = tiny_pipeline("a small red square", sampler=sampler, num_inference_steps=4, seed=0)[0]
+    assert image.size == (32, 32)
+    assert np.asarray(image).std() > 0
+
+
+def test_height_and_width_other_than_the_trained_size(tiny_pipeline):
+    image = tiny_pipeline("a small red square", height=48, width=64, seed=0)[0]
+    assert image.size == (64, 48)
+
+
+def test_save_and_load_round_trip(tiny_pipeline, tmp_path):
+    tiny_pipeline.save_pretrained(tmp_path / "pipe")
+    loaded = Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    assert not (tmp_path / "pipe.tmp").exists()
+    before = pixels(tiny_pipeline("a large yellow triangle", seed=2))
+    after = pixels(loaded("a large yellow triangle", seed=2))
+    assert np.array_equal(before, after)
+    assert loaded.defaults["guidance_scale"] == tiny_pipeline.defaults["guidance_scale"]
+
+
+def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
+    with pytest.raises(T2IError, match="unknown sampler 'fast'; valid samplers: ddpm, ddim, dpmpp_2m"):
+        tiny_pipeline("a red circle", sampler="fast")
+    with pytest.raises(T2IError, match="prompt is empty"):
+        tiny_pipeline("   ")
+    with pytest.raises(T2IError, match="prompt 1 is empty"):
+        tiny_pipeline(["a red circle", ""])
+    with pytest.raises(T2IError, match="no prompt"):
+        tiny_pipeline([])
+    with pytest.raises(T2IError, match="height 33 is not a positive multiple of the VAE's latent factor 2"):
+        tiny_pipeline("a red circle", height=33)
+    with pytest.raises(T2IError, match="seed must be an int or a list of 2 ints"):
+        tiny_pipeline(["a", "b"], seed=[1])
+    with pytest.raises(T2IError, match="2 negative prompts for 1 prompts"):
+        tiny_pipeline("a", negative_prompt=["x", "y"])
+    with pytest.raises(T2IError, match="model folder '.*missing' does not exist"):
+        Text2ImagePipeline.from_pretrained(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(T2IError, match="neither a t2i pipeline"):
+        Text2ImagePipeline.from_pretrained(tmp_path / "empty")
+
+
+def test_over_long_prompt_is_truncated_and_reported(tiny_pipeline, caplog):
+    long_prompt = "a red circle " + "and another word " * 20
+    with caplog.at_level(logging.WARNING, logger="t2i"):
+        images = tiny_pipeline(long_prompt, seed=0)
+    assert len(images) == 1
+    assert "truncated to the text encoder's 16 tokens" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="t2i"):
+        tiny_pipeline("a red circle", seed=0)
+    assert "truncated" not in caplog.text

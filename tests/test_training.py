@@ -1,0 +1,121 @@
+"""The shared training loop: every stage runs, checkpoints are complete, and resuming is exact."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i.data.sampler import ResumableBatchSampler
+from t2i.errors import T2IError
+from t2i.training.checkpoint import latest_checkpoint
+from t2i.training.run import run_training
+from t2i.training.stages.unet import UNetStage, drop_captions
+
+from conftest import tiny_config
+
+
+def test_a_run_trains_every_stage_and_saves_the_pipeline(trained_run):
+    for stage in ("vae", "clip", "unet"):
+        records = [json.loads(line) for line in (trained_run / stage / "metrics.jsonl").read_text().splitlines()]
+        assert records and all("loss" in r and "lr" in r for r in records)
+        assert torch.isfinite(torch.tensor([r["loss"] for r in records])).all()
+        assert (trained_run / stage / "final").is_dir()
+    clip_records = (trained_run / "clip" / "metrics.jsonl").read_text()
+    assert "image_to_text_accuracy" in clip_records
+    assert (trained_run / "unet" / "samples" / "step_0000003.png").is_file()
+    assert (trained_run / "pipeline" / "t2i_pipeline.json").is_file()
+    assert (trained_run / "config.yaml").is_file()
+    vae_config = json.loads((trained_run / "vae" / "final" / "config.json").read_text())
+    assert vae_config["scaling_factor"] != 0.18215  # measured on the data, not SD's constant
+
+
+def test_checkpoints_are_complete_and_pruned(trained_run):
+    checkpoints = sorted((trained_run / "unet" / "checkpoints").iterdir())
+    assert [c.name for c in checkpoints] == ["step_0000003", "step_0000006"]
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json",
+                 "config.json"):
+        assert (checkpoints[-1] / name).is_file()
+    state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state == {"step": 6, "micro_batches": 6}
+    assert json.loads((checkpoints[-1] / "config.json").read_text())["train"]["unet"]["steps"] == 6
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000004.tmp").mkdir()
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+
+
+def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path, monkeypatch):
+    """Stop the unet stage after its step-3 checkpoint (as a kill would), resume, compare with the full run."""
+    config = tiny_config(tmp_path / "run")
+    real_loss = UNetStage.loss
+    calls = {"n": 0}
+
+    def crashing_loss(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside step 5, after the step-3 checkpoint
+            raise KeyboardInterrupt
+        return real_loss(self, *args)
+
+    monkeypatch.setattr(UNetStage, "loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config)
+    assert latest_checkpoint(tmp_path / "run" / "unet").name == "step_0000003"
+    monkeypatch.setattr(UNetStage, "loss", real_loss)
+    run_training(config, resume=True)
+
+    for name in ("final/diffusion_pytorch_model.safetensors", "checkpoints/step_0000006/model.safetensors",
+                 "checkpoints/step_0000006/ema.safetensors"):
+        resumed = load_file(tmp_path / "run" / "unet" / name)
+        uninterrupted = load_file(trained_run / "unet" / name)
+        assert resumed.keys() == uninterrupted.keys()
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed), name
+
+
+def test_an_existing_run_needs_resume(trained_run):
+    with pytest.raises(T2IError, match="already holds a run; pass --resume"):
+        run_training(tiny_config(trained_run))
+
+
+def test_resume_skips_finished_stages(trained_run, capsys):
+    run_training(tiny_config(trained_run), resume=True)
+    out = capsys.readouterr().out
+    assert "[vae] already trained" in out and "[unet] already trained" in out
+
+
+def test_accumulation_and_bf16_autocast_run_on_cpu(tmp_path):
+    config = tiny_config(tmp_path / "run", "stages=[vae]", "train.vae.grad_accum_steps=2",
+                         "train.vae.mixed_precision=bf16", "train.vae.steps=2", "train.vae.log_every=1")
+    with pytest.raises(T2IError, match="no trained U-Net"):
+        run_training(config)  # a vae-only run has no pipeline to assemble, and says so
+    records = [json.loads(line) for line in (tmp_path / "run" / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert json.loads((tmp_path / "run" / "vae" / "checkpoints" / "step_0000002" / "trainer_state.json")
+                      .read_text())["micro_batches"] == 4
+
+
+def test_fp16_on_cpu_is_refused(tmp_path):
+    config = tiny_config(tmp_path / "run", "stages=[vae]", "train.vae.mixed_precision=fp16")
+    with pytest.raises(T2IError, match="'fp16' needs a GPU"):
+        run_training(config)
+
+
+def test_batch_sampler_resumes_and_shards():
+    full = ResumableBatchSampler(10, 3, seed=1)
+    batches = [b for _, b in zip(range(7), full)]
+    assert sorted(sum(batches[:3], [])) == sorted(set(sum(batches[:3], [])))  # an epoch repeats nothing
+    resumed = ResumableBatchSampler(10, 3, seed=1, start_batch=4)
+    assert [b for _, b in zip(range(3), resumed)] == batches[4:7]
+    rank0 = next(iter(ResumableBatchSampler(10, 2, seed=1, rank=0, world_size=2)))
+    rank1 = next(iter(ResumableBatchSampler(10, 2, seed=1, rank=1, world_size=2)))
+    assert len(rank0) == len(rank1) == 2 and not set(rank0) & set(rank1)
+    with pytest.raises(T2IError, match="fewer than one batch"):
+        ResumableBatchSampler(2, 3)
+
+
+def test_caption_dropout_rate():
+    generator = torch.Generator().manual_seed(0)
+    captions = drop_captions(["a red circle"] * 10_000, 0.1, generator)
+    assert 0.08 < captions.count("") / len(captions) < 0.12
+    assert drop_captions(["x"] * 100, 0.0, generator) == ["x"] * 100
