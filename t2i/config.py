@@ -25,12 +25,15 @@ class DataConfig:
     held_out: tuple[str, ...] = ("green triangle", "yellow circle", "white square")
     two_object_fraction: float = 0.3
     paraphrase_prob: float = 0.2
+    # Captions that leave some attributes unsaid ("a large triangle on the left"), for compositionality.
+    partial_caption_prob: float = 0.0
 
     def __post_init__(self):
         _check(self.size >= 1, "data.size must be at least 1")
         _check(self.resolution in (32, 64), "data.resolution must be 32 or 64 for the shapes dataset")
         _check(0.0 <= self.two_object_fraction <= 1.0, "data.two_object_fraction must lie in [0, 1]")
         _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob must lie in [0, 1]")
+        _check(0.0 <= self.partial_caption_prob <= 1.0, "data.partial_caption_prob must lie in [0, 1]")
         for pair in self.held_out:
             _check(len(pair.split()) == 2, f"data.held_out entries look like 'green triangle'; got {pair!r}")
 

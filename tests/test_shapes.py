@@ -10,6 +10,7 @@ from t2i.data.shapes import (
     BACKGROUND,
     COLOURS,
     DEFAULT_HELD_OUT,
+    POSITION_PHRASES,
     POSITIONS,
     SHAPES,
     SIZES,
@@ -245,3 +246,23 @@ def test_prompt_suite_counts_and_coverage():
 def test_prompt_suite_without_held_out_pairs():
     suite = prompt_suite(held_out=())
     assert Counter(category for _, category in suite) == {"seen": 48, "two_object": 24}
+
+
+def test_partial_captions_are_true_incomplete_and_never_canonical():
+    data = ShapesDataset(600, seed=3, partial_caption_prob=1.0, two_object_fraction=0.3)
+    for scene, caption in zip(data.scenes, data.captions):
+        with pytest.raises(ValueError):
+            parse_caption(caption)  # never mistaken for the full description of another scene
+        words = set(caption.replace(",", "").split())
+        said = {"a", "shape", "to", "the", "of", "above", "left", "right", "on", "at", "top", "bottom"}
+        for obj in scene.spec.objects:
+            said |= {obj.colour, obj.shape, obj.size} - {None}
+        assert words <= said, caption
+        if scene.spec.relation is None:
+            (obj,) = scene.spec.objects
+            assert caption.endswith(POSITION_PHRASES[obj.position])  # the position is always said
+    partial_share = np.mean([c != canonical_caption(s.spec) for s, c in zip(data.scenes, data.captions)])
+    assert partial_share == 1.0
+    mixed = ShapesDataset(2000, seed=3, partial_caption_prob=0.25, paraphrase_prob=0.1)
+    canonical = np.mean([c == canonical_caption(s.spec) for s, c in zip(mixed.scenes, mixed.captions)])
+    assert 0.6 < canonical < 0.75

@@ -119,3 +119,37 @@ def test_caption_dropout_rate():
     captions = drop_captions(["a red circle"] * 10_000, 0.1, generator)
     assert 0.08 < captions.count("") / len(captions) < 0.12
     assert drop_captions(["x"] * 100, 0.0, generator) == ["x"] * 100
+
+
+@pytest.mark.parametrize("schedule, prediction", [("linear", "epsilon"), ("scaled_linear", "v_prediction"),
+                                                  ("cosine", "epsilon")])
+def test_unet_stage_trains_with_every_schedule_and_parameterisation(trained_run, schedule, prediction):
+    from diffusers import UNet2DConditionModel
+
+    from t2i.training.run import load_text_encoder, load_vae, pipeline_scheduler_config
+
+    config = tiny_config(trained_run, f"diffusion.schedule={schedule}", f"diffusion.prediction={prediction}",
+                         "diffusion.min_snr_gamma=5")
+    unet = UNet2DConditionModel.from_pretrained(trained_run / "unet" / "final")
+    stage = UNetStage(unet, load_vae(trained_run), load_text_encoder(config, trained_run), config.diffusion,
+                      pipeline_scheduler_config(config), [], torch.device("cpu"))
+    batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "caption": ["a large red circle"] * 4}
+    loss, _ = stage.loss(unet, batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)
+    scheduler = pipeline_scheduler_config(config)
+    assert scheduler["prediction_type"] == prediction
+    assert scheduler["beta_schedule"] == {"linear": "linear", "scaled_linear": "scaled_linear",
+                                          "cosine": "squaredcos_cap_v2"}[schedule]
+
+
+def test_scaled_latents_have_unit_variance(trained_run):
+    from t2i.training.run import build_dataset, load_vae
+
+    vae = load_vae(trained_run)
+    dataset = build_dataset(tiny_config(trained_run))
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(256)])
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)

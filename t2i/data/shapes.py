@@ -312,13 +312,43 @@ def render(scene: Scene, resolution: int = 32) -> np.ndarray:
     return canvas
 
 
-def caption_for(scene: Scene, rng: np.random.Generator, paraphrase_prob: float) -> str:
-    """The canonical caption of `scene`, or with probability `paraphrase_prob` a paraphrase of it."""
+def caption_for(scene: Scene, rng: np.random.Generator, paraphrase_prob: float,
+                partial_caption_prob: float = 0.0) -> str:
+    """The canonical caption of `scene`; with probability `paraphrase_prob` a paraphrase of it, and with
+    probability `partial_caption_prob` a partial caption that leaves some attributes unsaid."""
     _check_fraction("paraphrase_prob", paraphrase_prob)
+    _check_fraction("partial_caption_prob", partial_caption_prob)
+    if partial_caption_prob > 0 and rng.random() < partial_caption_prob:
+        return partial_caption(scene.spec, rng)
     if rng.random() >= paraphrase_prob:
         return canonical_caption(scene.spec)
     options = _paraphrases(scene.spec)
     return options[rng.integers(len(options))]
+
+
+def partial_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
+    """A true but incomplete caption: a random non-empty subset of the attributes is left unsaid.
+
+    Training on these teaches each word its own effect ("triangle" means a triangle whatever the colour),
+    which is what lets held-out colour-shape pairs be composed.
+    """
+    def describe(obj: ShapeSpec, omit: set[str]) -> str:
+        words = [obj.size if obj.size and "size" not in omit else None,
+                 obj.colour if "colour" not in omit else None,
+                 obj.shape if "shape" not in omit else "shape"]
+        return " ".join(filter(None, words))
+
+    if spec.relation is None:
+        (obj,) = spec.objects
+        # The position is always said: without it a caption would read as the canonical one of a centred object.
+        attributes = ["size", "colour", "shape"]
+        omit = {a for a in attributes if rng.random() < 0.5} or {attributes[rng.integers(len(attributes))]}
+        if omit == set(attributes):
+            omit.discard(attributes[rng.integers(len(attributes))])
+        return " ".join(filter(None, ["a", describe(obj, omit), POSITION_PHRASES[obj.position]]))
+    omit = {["colour", "shape"][rng.integers(2)]}
+    first, second = (describe(obj, omit) for obj in spec.objects)
+    return f"a {first} {RELATION_PHRASES[spec.relation]} a {second}"
 
 
 def _paraphrases(spec: SceneSpec) -> list[str]:
@@ -444,6 +474,7 @@ class ShapesDataset(Dataset):
         held_out=DEFAULT_HELD_OUT,
         two_object_fraction: float = 0.3,
         paraphrase_prob: float = 0.2,
+        partial_caption_prob: float = 0.0,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size must be an int >= 1, got {size!r}")
@@ -452,6 +483,7 @@ class ShapesDataset(Dataset):
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
         _check_fraction("two_object_fraction", two_object_fraction)
         _check_fraction("paraphrase_prob", paraphrase_prob)
+        _check_fraction("partial_caption_prob", partial_caption_prob)
         self.held_out = tuple(sorted(_check_held_out(held_out)))
         allowed = _allowed_pairs(held_out)
         if not allowed:
@@ -463,6 +495,7 @@ class ShapesDataset(Dataset):
         self.seed = int(seed)
         self.two_object_fraction = float(two_object_fraction)
         self.paraphrase_prob = float(paraphrase_prob)
+        self.partial_caption_prob = float(partial_caption_prob)
         self.images = np.empty((size, self.resolution, self.resolution, 3), dtype=np.uint8)
         self.scenes: list[Scene] = []
         self.captions: list[str] = []
@@ -476,7 +509,7 @@ class ShapesDataset(Dataset):
             scene = sample_scene(rng, self.held_out, self.two_object_fraction)
             _paint(scene, self.images[i])
             self.scenes.append(scene)
-            self.captions.append(caption_for(scene, rng, self.paraphrase_prob))
+            self.captions.append(caption_for(scene, rng, self.paraphrase_prob, self.partial_caption_prob))
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from accelerate import PartialState
 from diffusers import AutoencoderKL
 
 from t2i.config import RunConfig
@@ -37,7 +38,8 @@ PREVIEW_PROMPTS = 8
 def build_dataset(config: RunConfig) -> ShapesDataset:
     data = config.data
     return ShapesDataset(size=data.size, resolution=data.resolution, seed=data.seed, held_out=data.held_out_pairs,
-                         two_object_fraction=data.two_object_fraction, paraphrase_prob=data.paraphrase_prob)
+                         two_object_fraction=data.two_object_fraction, paraphrase_prob=data.paraphrase_prob,
+                         partial_caption_prob=data.partial_caption_prob)
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
@@ -64,12 +66,16 @@ def pipeline_scheduler_config(config: RunConfig) -> dict:
 def run_training(config: RunConfig, resume: bool = False) -> Path:
     """Train every configured stage (skipping finished ones when resuming) and save the pipeline."""
     run_dir = Path(config.run_dir)
+    device = resolve_device(config.device)
+    # Under `accelerate launch` every process runs this; the main one alone writes shared files.
+    processes = PartialState(cpu=device.type == "cpu")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
                        "another folder with --set run_dir=...")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    device = resolve_device(config.device)
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     resolved = to_dict(config)
     dataset = build_dataset(config)
 
@@ -82,7 +88,10 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
         torch.manual_seed(train_config.seed)  # the same initial weights on every run
         stage, stage_data = _build_stage(name, config, run_dir, dataset, device)
         train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume)
-    return assemble_pipeline(config, run_dir)
+    if processes.is_main_process:
+        assemble_pipeline(config, run_dir)
+    processes.wait_for_everyone()
+    return run_dir / "pipeline"
 
 
 def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDataset, device: torch.device):
