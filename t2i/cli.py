@@ -8,10 +8,9 @@ from pathlib import Path
 
 from t2i.errors import T2IError
 
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler", "euler_a", "heun", "unipc")
-
-
 def _parser() -> argparse.ArgumentParser:
+    from t2i.diffusion.samplers import SAMPLERS
+
     parser = argparse.ArgumentParser(prog="t2i", description="Latent text-to-image diffusion: train and sample.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -52,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=None,
                           help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+    generate.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                           help="sampling method (default: the pipeline's, dpmpp_2m)")
     generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")

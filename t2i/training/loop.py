@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
 
@@ -101,6 +102,8 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
                                     world_size=accelerator.num_processes)
     batches = iter(DataLoader(dataset, batch_sampler=sampler))
     metrics_file = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        _drop_metrics_after(metrics_file, state.step)  # logged by a run killed after its last checkpoint
     tensorboard = _tensorboard_writer(run_dir) if accelerator.is_main_process else None
 
     def checkpoint_now() -> None:
@@ -121,7 +124,7 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
                 + accelerator.process_index)
             batch = _to_device(next(batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
-            with accelerator.no_sync(stage_loss) if not last_micro else _nullcontext(), accelerator.autocast():
+            with accelerator.no_sync(stage_loss) if not last_micro else nullcontext(), accelerator.autocast():
                 loss, metrics = stage_loss(batch, generator)
                 accelerator.backward(loss / config.grad_accum_steps)
             state.micro_batches += 1
@@ -186,33 +189,29 @@ def _save_atomically(stage: Stage, model: torch.nn.Module, folder: Path) -> None
     staging.rename(folder)
 
 
+def _drop_metrics_after(metrics_file: Path, step: int) -> None:
+    if not metrics_file.is_file():
+        return
+    kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    metrics_file.write_text("".join(line + "\n" for line in kept))
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _ema_applied:
+@contextmanager
+def _ema_applied(ema: EMAModel | None, model: torch.nn.Module):
     """Temporarily swap the EMA weights into `model` (a no-op without EMA)."""
-
-    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
-        self.ema, self.model = ema, model
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.model.parameters())
-            self.ema.copy_to(self.model.parameters())
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.model.parameters())
-        return False
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
+    try:
+        yield
+    finally:
+        ema.restore(model.parameters())
 
 
 def _ema_weights(ema: EMAModel, model: torch.nn.Module) -> dict[str, torch.Tensor]:
