@@ -65,7 +65,8 @@ def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path, monkeypat
     monkeypatch.setattr(UNetStage, "loss", real_loss)
     run_training(config, resume=True)
 
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "unet" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "unet" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in metrics]
     assert steps == [2, 4, 6]  # step 4, logged before the kill, is logged once, by the resumed run
     for name in ("final/diffusion_pytorch_model.safetensors", "checkpoints/step_0000006/model.safetensors",
                  "checkpoints/step_0000006/ema.safetensors"):

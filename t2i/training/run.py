@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import PartialState
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from t2i.config import RunConfig
 from t2i.config_io import to_dict
@@ -113,8 +113,6 @@ def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDat
 
 
 def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
-    from diffusers import UNet2DConditionModel
-
     unet_folder = run_dir / "unet" / FINAL
     if not unet_folder.is_dir():
         raise T2IError(f"no trained U-Net at '{unet_folder}': add 'unet' to stages")

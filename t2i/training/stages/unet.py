@@ -13,6 +13,7 @@ from t2i.diffusion.parameterization import add_noise, training_target
 from t2i.diffusion.schedules import alphas_cumprod
 from t2i.eval.grid import save_grid
 from t2i.models.text_encoder import TextEncoder
+from t2i.pipeline import Text2ImagePipeline
 
 EMPTY_PROMPT = ""
 
@@ -68,8 +69,6 @@ class UNetStage:
 
     @torch.no_grad()
     def sample(self, model: UNet2DConditionModel, path: Path) -> None:
-        from t2i.pipeline import Text2ImagePipeline
-
         model.eval()
         pipe = Text2ImagePipeline(self.vae, self.text_encoder, model, self.scheduler_config)
         images = pipe(self.preview_prompts, num_inference_steps=20, guidance_scale=2.0, seed=0)
