@@ -28,13 +28,18 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"{STEP_PREFIX}{step:07d}"
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step; half-written `.tmp` folders are ignored."""
+def _complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written `.tmp` folders are not among them."""
     folder = run_dir / CHECKPOINTS
     if not folder.is_dir():
-        return None
-    complete = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
-                      and not p.name.endswith(".tmp"))
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)
+                  and not p.name.endswith(".tmp"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step."""
+    complete = _complete_checkpoints(run_dir)
     return complete[-1] if complete else None
 
 
@@ -77,9 +82,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
 
 
 def _prune(run_dir: Path, keep: int) -> None:
-    folder = run_dir / CHECKPOINTS
-    complete = sorted(p for p in folder.iterdir() if p.name.startswith(STEP_PREFIX) and not p.name.endswith(".tmp"))
-    for old in complete[:-keep]:
+    for old in _complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
 
 
