@@ -100,3 +100,13 @@ def test_over_long_prompt_is_truncated_and_reported(tiny_pipeline, caplog):
     with caplog.at_level(logging.WARNING, logger="t2i"):
         tiny_pipeline("a red circle", seed=0)
     assert "truncated" not in caplog.text
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error(tiny_pipeline):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(T2IError, match="device 'cuda' was asked for, but PyTorch sees no CUDA GPU"):
+        tiny_pipeline.to("cuda")
+    assert tiny_pipeline.device.type == "cpu"
