@@ -73,10 +73,10 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
         raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
                        "another folder with --set run_dir=...")
     processes.wait_for_everyone()
+    resolved = to_dict(config)
     if processes.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    resolved = to_dict(config)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
     dataset = build_dataset(config)
 
     for name in config.stages:
@@ -101,7 +101,7 @@ def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDat
     if name == "clip":
         return ClipStage(OpenClipTextEncoder.from_config(config.text_encoder, resolution)), dataset
     if name == "unet":
-        vae = load_vae(run_dir).to(device)
+        vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
         text_encoder = load_text_encoder(config, run_dir)
         unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
                           resolution // config.vae.latent_factor)
