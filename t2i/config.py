@@ -80,6 +80,9 @@ class TextEncoderConfig:
     open_clip_name: str | None = None
     weights_path: str | None = None
     hf_path: str | None = None
+    # Condition the U-Net on the states this many layers before the last (diffusers' `clip_skip`), through the
+    # final layer norm. With clip_skip = layers the U-Net sees context-free token (+ position) embeddings.
+    clip_skip: int = 0
 
     def __post_init__(self):
         if self.source == "open_clip":
@@ -88,6 +91,9 @@ class TextEncoderConfig:
         if self.source == "hf_clip":
             _check(self.hf_path is not None, "text_encoder.source 'hf_clip' needs text_encoder.hf_path")
         _check(self.width % self.heads == 0, "text_encoder.heads must divide text_encoder.width")
+        _check(self.clip_skip >= 0, "text_encoder.clip_skip must be >= 0")
+        _check(self.source != "scratch" or self.clip_skip <= self.layers,
+               "text_encoder.clip_skip cannot exceed text_encoder.layers")
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,9 @@ class RunConfig:
     stages: tuple[Stage, ...] = ("vae", "clip", "unet")
     # Encode the whole dataset with the frozen VAE once before the unet stage, instead of every step.
     cache_latents: bool = True
+    # CPU only: train as this many data-parallel processes on this machine, sharing its cores (batch sizes are
+    # per process). For GPUs and several machines, start `t2i train` under `accelerate launch` instead.
+    local_processes: int = 1
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -185,6 +194,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
+        _check(self.local_processes >= 1, "local_processes must be at least 1")
         if "clip" in self.stages:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "

@@ -4,6 +4,8 @@ import logging
 import numpy as np
 import pytest
 
+from conftest import build_tiny_pipeline
+
 from t2i import Text2ImagePipeline
 from t2i.diffusion.samplers import SAMPLERS
 from t2i.errors import T2IError
@@ -110,3 +112,15 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(tiny_pipeline):
     with pytest.raises(T2IError, match="device 'cuda' was asked for, but PyTorch sees no CUDA GPU"):
         tiny_pipeline.to("cuda")
     assert tiny_pipeline.device.type == "cpu"
+
+
+def test_clip_skip_is_saved_with_the_pipeline(tmp_path):
+    pipe = build_tiny_pipeline()
+    full_depth = pixels(pipe("a small red square", seed=3))
+    pipe.text_encoder.clip_skip = 1
+    skipped = pixels(pipe("a small red square", seed=3))
+    assert not np.array_equal(full_depth, skipped)
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    assert loaded.text_encoder.clip_skip == 1
+    assert np.array_equal(pixels(loaded("a small red square", seed=3)), skipped)

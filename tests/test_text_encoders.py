@@ -84,3 +84,42 @@ def test_hf_tokenizer_files_reproduce_open_clip_tokens(tmp_path):
     ours = open_clip.tokenizer.SimpleTokenizer()
     for text in ["a small yellow triangle at the bottom", "a white square above a black circle"]:
         assert hf(text).input_ids == [ours.sot_token_id, *ours.encode(text), ours.eot_token_id]
+
+
+def test_open_clip_clip_skip_selects_earlier_layers():
+    encoder = OpenClipTextEncoder.from_config(TextEncoderConfig(width=32, heads=2, layers=2, context_length=8), 32)
+    clip = encoder.clip
+    ids = encoder.tokenize(["a red circle to the left of a blue square"]).ids
+    embedded = clip.token_embedding(ids) + clip.positional_embedding
+    # clip_skip 0: the whole text tower, exactly as open_clip runs it.
+    assert torch.allclose(encoder(ids), clip.ln_final(clip.transformer(embedded, attn_mask=clip.attn_mask)),
+                          atol=1e-6)
+    # clip_skip 1: the output of the first of two layers.
+    encoder.clip_skip = 1
+    first_layer = clip.transformer.resblocks[0](embedded, attn_mask=clip.attn_mask)
+    assert torch.allclose(encoder(ids), clip.ln_final(first_layer), atol=1e-6)
+    # clip_skip = layers: context-free token + position embeddings, so a word's state ignores the words before it.
+    encoder.clip_skip = 2
+    green, blue = (encoder.tokenize([f"a {colour} triangle"]).ids for colour in ("green", "blue"))
+    assert torch.equal(encoder(green)[0, 3], encoder(blue)[0, 3])  # "triangle" after either colour
+    with pytest.raises(T2IError, match="clip_skip must be between 0 and the text encoder's 2 layers"):
+        OpenClipTextEncoder(clip, encoder.model_config, clip_skip=3)
+
+
+def test_hf_clip_skip_equals_a_shallower_model(tmp_path):
+    files = write_hf_tokenizer_files(tmp_path / "tok")
+    tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), pad_token="<|endoftext|>",
+                              model_max_length=77)
+    sizes = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2,
+             "max_position_embeddings": 77}
+    torch.manual_seed(0)
+    deep = CLIPTextModel(CLIPTextConfig(num_hidden_layers=3, **sizes)).eval()
+    shallow = CLIPTextModel(CLIPTextConfig(num_hidden_layers=2, **sizes)).eval()
+    shallow.load_state_dict(deep.state_dict(), strict=False)  # layer 2 of `deep` has no place in `shallow`
+    ids = HFClipTextEncoder(shallow, tokenizer).tokenize(["a large red circle", "a white square above a black"]).ids
+
+    skipped = HFClipTextEncoder(deep, tokenizer, clip_skip=1)(ids)
+    assert torch.allclose(skipped, HFClipTextEncoder(shallow, tokenizer)(ids), atol=1e-5)
+    assert not torch.allclose(skipped, HFClipTextEncoder(deep, tokenizer)(ids), atol=1e-3)
+    with pytest.raises(T2IError, match="clip_skip must be between 0 and the text encoder's 3 layers"):
+        HFClipTextEncoder(deep, tokenizer, clip_skip=4)

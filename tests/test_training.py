@@ -156,3 +156,20 @@ def test_scaled_latents_have_unit_variance(trained_run):
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(1))
     assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)
+
+
+def test_two_local_cpu_processes_train_data_parallel(tmp_path):
+    run_dir = tmp_path / "run"
+    pipeline = run_training(tiny_config(run_dir, "local_processes=2"))
+    assert (pipeline / "t2i_pipeline.json").is_file()
+    for stage, steps in (("vae", 4), ("clip", 4), ("unet", 6)):
+        records = [json.loads(line) for line in (run_dir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(2, steps + 1, 2))  # written by the main process alone
+        assert (run_dir / stage / "final").is_dir()
+
+
+def test_an_error_in_a_local_process_is_reported_as_such(tmp_path):
+    # 2 processes x batch 8 need 16 examples; the error is raised inside the workers.
+    config = tiny_config(tmp_path / "run", "local_processes=2", "data.size=12")
+    with pytest.raises(T2IError, match="fewer than one batch of 16"):
+        run_training(config)

@@ -38,14 +38,21 @@ def report_truncation(prompts: list[str], tokens: Tokens, context_length: int) -
             logger.warning("prompt truncated to the text encoder's %d tokens: %r", context_length, prompt)
 
 
+def check_clip_skip(clip_skip: int, layers: int) -> int:
+    if not 0 <= clip_skip <= layers:
+        raise T2IError(f"clip_skip must be between 0 and the text encoder's {layers} layers, got {clip_skip}")
+    return clip_skip
+
+
 class OpenClipTextEncoder(nn.Module):
     """An open_clip CLIP model whose text tower gives per-token states (after the final layer norm)."""
 
     kind = "open_clip"
 
-    def __init__(self, clip: open_clip.CLIP, model_config: dict):
+    def __init__(self, clip: open_clip.CLIP, model_config: dict, clip_skip: int = 0):
         super().__init__()
         self.clip = clip
+        self.clip_skip = check_clip_skip(clip_skip, len(clip.transformer.resblocks))
         self.model_config = model_config
         self.context_length = clip.context_length
         self.hidden_size = clip.transformer.width
@@ -64,7 +71,7 @@ class OpenClipTextEncoder(nn.Module):
         return cls(open_clip.model.CLIP(**model_config), model_config)
 
     @classmethod
-    def from_open_clip(cls, name: str, weights_path: str | Path) -> "OpenClipTextEncoder":
+    def from_open_clip(cls, name: str, weights_path: str | Path, clip_skip: int = 0) -> "OpenClipTextEncoder":
         """A pretrained open_clip model by architecture name, with weights from a local file."""
         model_config = open_clip.get_model_config(name)
         if model_config is None:
@@ -72,7 +79,7 @@ class OpenClipTextEncoder(nn.Module):
         if not Path(weights_path).is_file():
             raise T2IError(f"open_clip weights file '{weights_path}' does not exist")
         clip = open_clip.create_model(name, pretrained=str(weights_path))
-        return cls(clip, model_config)
+        return cls(clip, model_config, clip_skip)
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         """Token ids padded with 0; an over-long prompt keeps its first tokens and ends in <end_of_text>."""
@@ -91,7 +98,12 @@ class OpenClipTextEncoder(nn.Module):
         # open_clip's encode_text pools to one vector; cross-attention needs every token, so we stop before pooling.
         clip = self.clip
         x = clip.token_embedding(ids) + clip.positional_embedding  # (B, L, D)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        if not clip.transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in clip.transformer.resblocks[: len(clip.transformer.resblocks) - self.clip_skip]:
+            x = block(x, attn_mask=clip.attn_mask)
+        if not clip.transformer.batch_first:
+            x = x.transpose(0, 1)
         return clip.ln_final(x)  # (B, L, D)
 
     def save(self, folder: Path) -> None:
@@ -101,11 +113,11 @@ class OpenClipTextEncoder(nn.Module):
         save_file(state, folder / WEIGHTS)
 
     @classmethod
-    def load(cls, folder: Path) -> "OpenClipTextEncoder":
+    def load(cls, folder: Path, clip_skip: int = 0) -> "OpenClipTextEncoder":
         model_config = json.loads((folder / OPEN_CLIP_CONFIG).read_text())
         clip = open_clip.model.CLIP(**model_config)
         clip.load_state_dict(load_file(folder / WEIGHTS))
-        return cls(clip, model_config)
+        return cls(clip, model_config, clip_skip)
 
 
 class HFClipTextEncoder(nn.Module):
@@ -113,15 +125,17 @@ class HFClipTextEncoder(nn.Module):
 
     kind = "hf_clip"
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, clip_skip: int = 0):
         super().__init__()
         self.model = model
+        self.clip_skip = check_clip_skip(clip_skip, model.config.num_hidden_layers)
         self.tokenizer = tokenizer
         self.context_length = tokenizer.model_max_length
         self.hidden_size = model.config.hidden_size
 
     @classmethod
-    def from_folders(cls, model_folder: str | Path, tokenizer_folder: str | Path | None = None) -> "HFClipTextEncoder":
+    def from_folders(cls, model_folder: str | Path, tokenizer_folder: str | Path | None = None,
+                     clip_skip: int = 0) -> "HFClipTextEncoder":
         from transformers import CLIPTextModel, CLIPTokenizer
 
         model_folder = Path(model_folder)
@@ -129,7 +143,8 @@ class HFClipTextEncoder(nn.Module):
         for folder in (model_folder, tokenizer_folder):
             if not folder.is_dir():
                 raise T2IError(f"text encoder folder '{folder}' does not exist")
-        return cls(CLIPTextModel.from_pretrained(model_folder), CLIPTokenizer.from_pretrained(tokenizer_folder))
+        return cls(CLIPTextModel.from_pretrained(model_folder), CLIPTokenizer.from_pretrained(tokenizer_folder),
+                   clip_skip)
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.context_length, truncation=True,
@@ -138,7 +153,13 @@ class HFClipTextEncoder(nn.Module):
         return Tokens(ids, tuple(n > self.context_length for n in full_lengths))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids.to(self.model.device))[0]  # (B, L, D) last_hidden_state
+        ids = ids.to(self.model.device)
+        if not self.clip_skip:
+            return self.model(ids)[0]  # (B, L, D) last_hidden_state
+        # As diffusers' `clip_skip`: an earlier layer's states, through the final layer norm. (transformers 5 dropped
+        # the `text_model` wrapper that diffusers' own clip_skip code still reaches through.)
+        hidden = self.model(ids, output_hidden_states=True).hidden_states[-(self.clip_skip + 1)]
+        return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
 
     def save(self, folder: Path, tokenizer_folder: Path) -> None:
         self.model.save_pretrained(folder)
@@ -153,9 +174,9 @@ def build_text_encoder(config: TextEncoderConfig, image_size: int) -> TextEncode
         case "scratch":
             return OpenClipTextEncoder.from_config(config, image_size)
         case "open_clip":
-            return OpenClipTextEncoder.from_open_clip(config.open_clip_name, config.weights_path)
+            return OpenClipTextEncoder.from_open_clip(config.open_clip_name, config.weights_path, config.clip_skip)
         case "hf_clip":
-            return HFClipTextEncoder.from_folders(config.hf_path)
+            return HFClipTextEncoder.from_folders(config.hf_path, clip_skip=config.clip_skip)
     raise ValueError(f"unknown text encoder source {config.source!r}")
 
 

@@ -43,10 +43,12 @@ def _require(path: Path, *names: str) -> None:
 def _load_t2i(path: Path) -> dict:
     manifest = json.loads((path / MANIFEST).read_text())
     _require(path, "vae", "unet", "text_encoder", str(SCHEDULER_CONFIG))
+    clip_skip = manifest.get("clip_skip", 0)
     if manifest.get("text_encoder") == HFClipTextEncoder.kind:
-        text_encoder: TextEncoder = HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer")
+        text_encoder: TextEncoder = HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer",
+                                                                   clip_skip)
     else:
-        text_encoder = OpenClipTextEncoder.load(path / "text_encoder")
+        text_encoder = OpenClipTextEncoder.load(path / "text_encoder", clip_skip)
     return {
         "vae": AutoencoderKL.from_pretrained(path / "vae"),
         "text_encoder": text_encoder,
@@ -86,7 +88,7 @@ def save_components(path: Path, vae: AutoencoderKL, text_encoder: TextEncoder, u
     (staging / SCHEDULER_CONFIG).parent.mkdir()
     (staging / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2))
     manifest = {"format": "t2i-pipeline", "version": FORMAT_VERSION, "text_encoder": text_encoder.kind,
-                "defaults": defaults}
+                "clip_skip": text_encoder.clip_skip, "defaults": defaults}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if path.exists():
         shutil.rmtree(path)

@@ -27,6 +27,7 @@ from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
 from t2i.pipeline.pipeline import resolve_device
+from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.unet import UNetStage
@@ -55,7 +56,7 @@ def load_text_encoder(config: RunConfig, run_dir: Path) -> TextEncoder:
     folder = run_dir / "clip" / FINAL
     if not folder.is_dir():
         raise T2IError(f"no trained text encoder at '{folder}': add 'clip' to stages, or train it first")
-    return OpenClipTextEncoder.load(folder)
+    return OpenClipTextEncoder.load(folder, config.text_encoder.clip_skip)
 
 
 def pipeline_scheduler_config(config: RunConfig) -> dict:
@@ -65,6 +66,17 @@ def pipeline_scheduler_config(config: RunConfig) -> dict:
 
 def run_training(config: RunConfig, resume: bool = False) -> Path:
     """Train every configured stage (skipping finished ones when resuming) and save the pipeline."""
+    device = resolve_device(config.device)
+    if config.local_processes > 1 and not is_launched():
+        if device.type != "cpu":
+            raise T2IError("local_processes > 1 splits CPU training between processes; on GPUs start "
+                           "`t2i train` under `accelerate launch` instead")
+        launch_local(_train_stages, (config, resume), config.local_processes)
+        return Path(config.run_dir) / "pipeline"
+    return _train_stages(config, resume)
+
+
+def _train_stages(config: RunConfig, resume: bool) -> Path:
     run_dir = Path(config.run_dir)
     device = resolve_device(config.device)
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
