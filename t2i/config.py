@@ -27,6 +27,8 @@ class DataConfig:
     paraphrase_prob: float = 0.2
     # Captions that leave some attributes unsaid ("a large triangle on the left"), for compositionality.
     partial_caption_prob: float = 0.0
+    # Which attributes a partial caption may leave unsaid (see t2i.data.shapes.partial_caption).
+    partial_caption_omits: tuple[Literal["size", "colour", "shape"], ...] = ("size", "colour", "shape")
 
     def __post_init__(self):
         _check(self.size >= 1, "data.size must be at least 1")
@@ -34,6 +36,7 @@ class DataConfig:
         _check(0.0 <= self.two_object_fraction <= 1.0, "data.two_object_fraction must lie in [0, 1]")
         _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob must lie in [0, 1]")
         _check(0.0 <= self.partial_caption_prob <= 1.0, "data.partial_caption_prob must lie in [0, 1]")
+        _check(len(self.partial_caption_omits) > 0, "data.partial_caption_omits must name at least one attribute")
         for pair in self.held_out:
             _check(len(pair.split()) == 2, f"data.held_out entries look like 'green triangle'; got {pair!r}")
 
@@ -173,6 +176,12 @@ class SamplingConfig:
     steps: int = 30
     guidance_scale: float = 2.0
     sampler: str = "dpmpp_2m"
+    # How many images (seeds) per prompt the demo judges: one image per prompt makes a 24-prompt fraction
+    # move by ±0.1 between seeds alone.
+    samples_per_prompt: int = 1
+
+    def __post_init__(self):
+        _check(self.samples_per_prompt >= 1, "sampling.samples_per_prompt must be at least 1")
 
 
 @dataclass(frozen=True)

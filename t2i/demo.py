@@ -36,13 +36,14 @@ def run_demo(out: Path, device: str = "auto", config_path: Path | None = None,
 
     pipe = Text2ImagePipeline.from_pretrained(pipeline_dir, device=device)
     sampling = config.sampling
-    evaluation = evaluate(pipe, prompt_suite(config.data.held_out_pairs), sampling.steps, sampling.guidance_scale,
-                          sampling.sampler)
+    # The suite repeated: image i is drawn from seed i, so every repeat of a prompt gets its own seed.
+    suite = prompt_suite(config.data.held_out_pairs) * sampling.samples_per_prompt
+    evaluation = evaluate(pipe, suite, sampling.steps, sampling.guidance_scale, sampling.sampler)
     timings = {"training (data, vae, clip, unet)": trained - started, "sampling + judging": evaluation.seconds,
                "total": time.perf_counter() - started}
     grid, report = write_report(out, evaluation, out, list(config.stages), timings,
                                 {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
-                                 "sampler": sampling.sampler})
+                                 "sampler": sampling.sampler, "samples_per_prompt": sampling.samples_per_prompt})
     timings["total"] = time.perf_counter() - started
     _print_summary(evaluation.summary, timings, grid, report, pipeline_dir)
     return {"summary": evaluation.summary, "timings": timings, "pipeline": pipeline_dir, "report": report}

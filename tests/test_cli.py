@@ -75,7 +75,7 @@ def test_train_then_resume(tmp_path, capsys):
 def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu", "--config", str(TINY_CONFIG),
-                 "--set", "train.unet.sample_every=0"]) == 0
+                 "--set", "train.unet.sample_every=0", "--set", "sampling.samples_per_prompt=2"]) == 0
     printed = capsys.readouterr().out
     assert "judged accuracy" in printed and "targets:" in printed
     assert (out / "pipeline" / "t2i_pipeline.json").is_file()
@@ -85,4 +85,5 @@ def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     assert "a large red" in report or "a small red" in report
     assert "held_out" in report and "two_object" in report and "Loss curves" in report
     assert "no metrics recorded" not in report
-    assert report.count("data:image/png;base64") == 96 + 1  # every sample and the loss curves
+    assert report.count("data:image/png;base64") == 2 * 96 + 1  # every sample (2 per prompt) and the loss curves
+    assert "samples_per_prompt" in report

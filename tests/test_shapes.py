@@ -22,6 +22,7 @@ from t2i.data.shapes import (
     canonical_caption,
     caption_for,
     parse_caption,
+    partial_caption,
     prompt_suite,
     render,
     sample_scene,
@@ -266,3 +267,20 @@ def test_partial_captions_are_true_incomplete_and_never_canonical():
     mixed = ShapesDataset(2000, seed=3, partial_caption_prob=0.25, paraphrase_prob=0.1)
     canonical = np.mean([c == canonical_caption(s.spec) for s, c in zip(mixed.scenes, mixed.captions)])
     assert 0.6 < canonical < 0.75
+
+
+def test_partial_captions_can_be_kept_from_leaving_the_shape_unsaid():
+    data = ShapesDataset(400, seed=5, partial_caption_prob=1.0, two_object_fraction=0.3,
+                         partial_omits=("size", "colour"))
+    for scene, caption in zip(data.scenes, data.captions):
+        for obj in scene.spec.objects:
+            assert obj.shape in caption.split(), caption  # every object's shape is always said
+        assert "shape" not in caption.split(), caption
+    said_colours = [any(obj.colour in caption for obj in scene.spec.objects)
+                    for scene, caption in zip(data.scenes, data.captions)]
+    assert 0 < np.mean(said_colours) < 1  # colours are sometimes left out
+
+    default = ShapesDataset(400, seed=5, partial_caption_prob=1.0, two_object_fraction=0.3)
+    assert any("shape" in caption.split() for caption in default.captions)
+    with pytest.raises(ValueError, match="partial captions can leave out size, colour, shape"):
+        partial_caption(default.scenes[0].spec, np.random.default_rng(0), ("position",))

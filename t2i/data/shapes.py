@@ -312,26 +312,38 @@ def render(scene: Scene, resolution: int = 32) -> np.ndarray:
     return canvas
 
 
+PARTIAL_ATTRIBUTES = ("size", "colour", "shape")
+
+
 def caption_for(scene: Scene, rng: np.random.Generator, paraphrase_prob: float,
-                partial_caption_prob: float = 0.0) -> str:
+                partial_caption_prob: float = 0.0, partial_omits: tuple[str, ...] = PARTIAL_ATTRIBUTES) -> str:
     """The canonical caption of `scene`; with probability `paraphrase_prob` a paraphrase of it, and with
-    probability `partial_caption_prob` a partial caption that leaves some attributes unsaid."""
+    probability `partial_caption_prob` a partial caption that leaves some of `partial_omits` unsaid."""
     _check_fraction("paraphrase_prob", paraphrase_prob)
     _check_fraction("partial_caption_prob", partial_caption_prob)
     if partial_caption_prob > 0 and rng.random() < partial_caption_prob:
-        return partial_caption(scene.spec, rng)
+        caption = partial_caption(scene.spec, rng, partial_omits)
+        if caption is not None:
+            return caption
     if rng.random() >= paraphrase_prob:
         return canonical_caption(scene.spec)
     options = _paraphrases(scene.spec)
     return options[rng.integers(len(options))]
 
 
-def partial_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
-    """A true but incomplete caption: a random non-empty subset of the attributes is left unsaid.
+def partial_caption(spec: SceneSpec, rng: np.random.Generator,
+                    omits: tuple[str, ...] = PARTIAL_ATTRIBUTES) -> str | None:
+    """A true but incomplete caption: a random non-empty subset of `omits` is left unsaid (None when the scene
+    has none of them to leave out: two-object captions name no size).
 
-    Training on these teaches each word its own effect ("triangle" means a triangle whatever the colour),
-    which is what lets held-out colour-shape pairs be composed.
+    A caption without its colour teaches a shape word its own effect ("a large triangle on the left" shows
+    triangles of every trained colour). A caption without its shape does the opposite for held-out pairs: "a
+    white shape" only ever shows white circles and triangles, so "white" learns to mean "not a square".
     """
+    unknown = set(omits) - set(PARTIAL_ATTRIBUTES)
+    if unknown or not omits:
+        raise ValueError(f"partial captions can leave out {', '.join(PARTIAL_ATTRIBUTES)}; got {list(omits)}")
+
     def describe(obj: ShapeSpec, omit: set[str]) -> str:
         words = [obj.size if obj.size and "size" not in omit else None,
                  obj.colour if "colour" not in omit else None,
@@ -341,12 +353,15 @@ def partial_caption(spec: SceneSpec, rng: np.random.Generator) -> str:
     if spec.relation is None:
         (obj,) = spec.objects
         # The position is always said: without it a caption would read as the canonical one of a centred object.
-        attributes = ["size", "colour", "shape"]
+        attributes = [a for a in PARTIAL_ATTRIBUTES if a in omits]
         omit = {a for a in attributes if rng.random() < 0.5} or {attributes[rng.integers(len(attributes))]}
-        if omit == set(attributes):
+        if omit == set(PARTIAL_ATTRIBUTES):
             omit.discard(attributes[rng.integers(len(attributes))])
         return " ".join(filter(None, ["a", describe(obj, omit), POSITION_PHRASES[obj.position]]))
-    omit = {["colour", "shape"][rng.integers(2)]}
+    options = [a for a in ("colour", "shape") if a in omits]
+    if not options:
+        return None
+    omit = {options[rng.integers(len(options))]}
     first, second = (describe(obj, omit) for obj in spec.objects)
     return f"a {first} {RELATION_PHRASES[spec.relation]} a {second}"
 
@@ -475,6 +490,7 @@ class ShapesDataset(Dataset):
         two_object_fraction: float = 0.3,
         paraphrase_prob: float = 0.2,
         partial_caption_prob: float = 0.0,
+        partial_omits: tuple[str, ...] = PARTIAL_ATTRIBUTES,
     ) -> None:
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"size must be an int >= 1, got {size!r}")
@@ -496,6 +512,7 @@ class ShapesDataset(Dataset):
         self.two_object_fraction = float(two_object_fraction)
         self.paraphrase_prob = float(paraphrase_prob)
         self.partial_caption_prob = float(partial_caption_prob)
+        self.partial_omits = tuple(partial_omits)
         self.images = np.empty((size, self.resolution, self.resolution, 3), dtype=np.uint8)
         self.scenes: list[Scene] = []
         self.captions: list[str] = []
@@ -509,7 +526,8 @@ class ShapesDataset(Dataset):
             scene = sample_scene(rng, self.held_out, self.two_object_fraction)
             _paint(scene, self.images[i])
             self.scenes.append(scene)
-            self.captions.append(caption_for(scene, rng, self.paraphrase_prob, self.partial_caption_prob))
+            self.captions.append(caption_for(scene, rng, self.paraphrase_prob, self.partial_caption_prob,
+                                             self.partial_omits))
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -40,7 +40,7 @@ def build_dataset(config: RunConfig) -> ShapesDataset:
     data = config.data
     return ShapesDataset(size=data.size, resolution=data.resolution, seed=data.seed, held_out=data.held_out_pairs,
                          two_object_fraction=data.two_object_fraction, paraphrase_prob=data.paraphrase_prob,
-                         partial_caption_prob=data.partial_caption_prob)
+                         partial_caption_prob=data.partial_caption_prob, partial_omits=data.partial_caption_omits)
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
