@@ -7,6 +7,7 @@ OUT/report.html. A second run in the same folder resumes where the first stopped
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 
 from t2i.config import load_config
@@ -45,14 +46,17 @@ def run_demo(out: Path, device: str = "auto", config_path: Path | None = None,
                                 {"steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                                  "sampler": sampling.sampler, "samples_per_prompt": sampling.samples_per_prompt})
     timings["total"] = time.perf_counter() - started
-    _print_summary(evaluation.summary, timings, grid, report, pipeline_dir)
+    _print_summary(evaluation.summary, Counter(evaluation.categories), timings, grid, report, pipeline_dir)
     return {"summary": evaluation.summary, "timings": timings, "pipeline": pipeline_dir, "report": report}
 
 
-def _print_summary(summary: dict, timings: dict, grid: Path, report: Path, pipeline_dir: Path) -> None:
+def _print_summary(summary: dict, images: Counter, timings: dict, grid: Path, report: Path,
+                   pipeline_dir: Path) -> None:
     print("\njudged accuracy (fraction of images):")
     for category, scores in summary.items():
-        print(f"  {category:<11}" + "  ".join(f"{name} {value:.2f}" for name, value in scores.items()))
+        count = images.total() if category == "all" else images[category]
+        print(f"  {category:<11}" + "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
+              + f"  ({count} images)")
     checks = [
         ("seen fully correct", summary.get("seen", {}).get("correct", 0.0), TARGETS["seen"], True),
         ("held-out fully correct", summary.get("held_out", {}).get("correct", 0.0), TARGETS["held_out"], True),
