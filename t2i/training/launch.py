@@ -1,8 +1,9 @@
 """Data-parallel training in several local CPU processes (torch.distributed over gloo).
 
-One process training a small model leaves a 2-core machine's second core half idle: two 1-thread processes
-train about 1.3x more samples per second than one 2-thread process. `accelerate launch --cpu` starts a single
-process, so this module does the small part it lacks: start N processes with the environment that torchrun
+One process training a small model leaves part of a multi-core CPU idle. Whether N processes win depends on
+the model: on a 2-core machine, a 6.6 M-parameter U-Net trained slower as 2 processes than as one (the gloo
+all-reduce costs more than the second process gains; docs/demo-tuning.md). `accelerate launch --cpu` starts
+a single process, so this module does the small part it lacks: start N processes with the environment that torchrun
 would give them (RANK, WORLD_SIZE, MASTER_ADDR, ...). accelerate's `PartialState(cpu=True)` then finds them
 and sets up gloo DDP itself. For GPUs and several machines, use `accelerate launch`.
 """

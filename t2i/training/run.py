@@ -71,14 +71,13 @@ def run_training(config: RunConfig, resume: bool = False) -> Path:
         if device.type != "cpu":
             raise T2IError("local_processes > 1 splits CPU training between processes; on GPUs start "
                            "`t2i train` under `accelerate launch` instead")
-        launch_local(_train_stages, (config, resume), config.local_processes)
+        launch_local(_train_stages, (config, device, resume), config.local_processes)
         return Path(config.run_dir) / "pipeline"
-    return _train_stages(config, resume)
+    return _train_stages(config, device, resume)
 
 
-def _train_stages(config: RunConfig, resume: bool) -> Path:
+def _train_stages(config: RunConfig, device: torch.device, resume: bool) -> Path:
     run_dir = Path(config.run_dir)
-    device = resolve_device(config.device)
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
     processes = PartialState(cpu=device.type == "cpu")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
