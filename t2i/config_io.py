@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -15,6 +16,8 @@ import yaml
 from t2i.errors import ConfigError
 
 T = TypeVar("T")
+# PyYAML follows YAML 1.1, which reads exponent numbers without a dot ("1e-4") as strings.
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
@@ -74,6 +77,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"'{path}' must be a list of {len(args)} items; got {value!r}")
         return tuple(_convert(arg, item, f"{path}[{i}]") for i, (arg, item) in enumerate(zip(args, value)))
     if hint is float:
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"'{path}' must be a number; got {value!r}")
         return float(value)
