@@ -28,7 +28,8 @@ def test_overrides_are_typed():
 
 def test_exponent_numbers_without_a_dot_are_numbers():
     """YAML 1.1 reads 1e-4 as a string; a float field takes it as the number it means, a bad string still fails."""
-    config = load_config(REPO / "configs" / "tiny.yaml", ["train.unet.learning_rate=1e-4", "train.vae.learning_rate=2E3"])
+    config = load_config(REPO / "configs" / "tiny.yaml",
+                         ["train.unet.learning_rate=1e-4", "train.vae.learning_rate=2E3"])
     assert config.train.unet.learning_rate == 1e-4 and config.train.vae.learning_rate == 2000.0
     with pytest.raises(ConfigError, match="'train.unet.learning_rate' must be a number; got '1e-4x'"):
         load_config(REPO / "configs" / "tiny.yaml", ["train.unet.learning_rate=1e-4x"])
