@@ -86,6 +86,10 @@ class TextEncoderConfig:
     # Condition the U-Net on the states this many layers before the last (diffusers' `clip_skip`), through the
     # final layer norm. With clip_skip = layers the U-Net sees context-free token (+ position) embeddings.
     clip_skip: int = 0
+    # scratch: keep the token embeddings at their random init while stage clip trains the rest. With clip_skip =
+    # layers the U-Net reads exactly these vectors, and contrastive training writes the data's colour-shape
+    # correlations (held-out pairs included) into them (docs/demo-tuning.md, fin5 and fin6).
+    freeze_token_embedding: bool = False
 
     def __post_init__(self):
         if self.source == "open_clip":
@@ -97,6 +101,8 @@ class TextEncoderConfig:
         _check(self.clip_skip >= 0, "text_encoder.clip_skip must be >= 0")
         _check(self.source != "scratch" or self.clip_skip <= self.layers,
                "text_encoder.clip_skip cannot exceed text_encoder.layers")
+        _check(self.source == "scratch" or not self.freeze_token_embedding,
+               "text_encoder.freeze_token_embedding applies to a text encoder trained here (source 'scratch')")
 
 
 @dataclass(frozen=True)

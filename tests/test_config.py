@@ -69,6 +69,9 @@ def test_pretrained_text_encoder_needs_its_paths_and_no_clip_stage():
         load_config(None, ["text_encoder.source=hf_clip"])
     with pytest.raises(ConfigError, match="stage 'clip' trains a text encoder from scratch"):
         load_config(None, ["text_encoder.source=hf_clip", "text_encoder.hf_path=/x"])
+    with pytest.raises(ConfigError, match="freeze_token_embedding applies to a text encoder trained here"):
+        load_config(None, ["text_encoder.source=hf_clip", "text_encoder.hf_path=/x", "stages=[vae, unet]",
+                           "text_encoder.freeze_token_embedding=true"])
 
 
 def test_resolved_config_round_trips_through_yaml():

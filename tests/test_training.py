@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from t2i.data.sampler import ResumableBatchSampler
 from t2i.errors import T2IError
+from t2i.models.text_encoder import OpenClipTextEncoder
 from t2i.training.checkpoint import latest_checkpoint
 from t2i.training.run import run_training
 from t2i.training.stages.unet import UNetStage, drop_captions
@@ -96,6 +97,18 @@ def test_accumulation_and_bf16_autocast_run_on_cpu(tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert json.loads((tmp_path / "run" / "vae" / "checkpoints" / "step_0000002" / "trainer_state.json")
                       .read_text())["micro_batches"] == 4
+
+
+def test_clip_stage_can_keep_the_token_embeddings_at_their_init(tmp_path):
+    config = tiny_config(tmp_path / "run", "stages=[clip]", "text_encoder.freeze_token_embedding=true")
+    with pytest.raises(T2IError, match="no trained U-Net"):
+        run_training(config)
+    trained = OpenClipTextEncoder.load(tmp_path / "run" / "clip" / "final").clip
+    torch.manual_seed(config.train.clip.seed)
+    initial = OpenClipTextEncoder.from_config(config.text_encoder, config.data.resolution).clip
+    assert torch.equal(trained.token_embedding.weight, initial.token_embedding.weight)
+    assert not torch.equal(trained.positional_embedding, initial.positional_embedding)
+    assert not torch.equal(trained.ln_final.weight, initial.ln_final.weight)
 
 
 def test_fp16_on_cpu_is_refused(tmp_path):

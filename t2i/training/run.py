@@ -110,7 +110,9 @@ def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDat
     if name == "vae":
         return VAEStage(build_vae(config.vae, resolution), config.vae, dataset), dataset
     if name == "clip":
-        return ClipStage(OpenClipTextEncoder.from_config(config.text_encoder, resolution)), dataset
+        text_encoder = OpenClipTextEncoder.from_config(config.text_encoder, resolution)
+        text_encoder.clip.token_embedding.requires_grad_(not config.text_encoder.freeze_token_embedding)
+        return ClipStage(text_encoder), dataset
     if name == "unet":
         vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
         text_encoder = load_text_encoder(config, run_dir)
