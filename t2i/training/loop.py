@@ -82,8 +82,8 @@ def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, de
     (the EMA weights, when EMA is on), after `stage.save` has exported it to `run_dir / FINAL`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = make_accelerator(device, config.mixed_precision)
-    # The fused kernel does the whole update in one pass: 10% of a demo U-Net step on a 2-core CPU.
     trainable = [p for p in stage.model.parameters() if p.requires_grad]
+    # The fused kernel does the whole update in one pass: 10% of a demo U-Net step on a 2-core CPU.
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                   weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
