@@ -104,6 +104,8 @@ def test_open_clip_clip_skip_selects_earlier_layers():
     assert torch.equal(encoder(green)[0, 3], encoder(blue)[0, 3])  # "triangle" after either colour
     with pytest.raises(T2IError, match="clip_skip must be between 0 and the text encoder's 2 layers"):
         OpenClipTextEncoder(clip, encoder.model_config, clip_skip=3)
+    # A scratch encoder built from a config takes the config's clip_skip, as the pretrained sources do.
+    assert OpenClipTextEncoder.from_config(TextEncoderConfig(layers=2, clip_skip=2), 32).clip_skip == 2
 
 
 def test_hf_clip_skip_equals_a_shallower_model(tmp_path):

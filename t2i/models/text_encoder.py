@@ -68,7 +68,7 @@ class OpenClipTextEncoder(nn.Module):
             "text_cfg": {"context_length": config.context_length, "vocab_size": 49408, "width": config.width,
                          "heads": config.heads, "layers": config.layers},
         }
-        return cls(open_clip.model.CLIP(**model_config), model_config)
+        return cls(open_clip.model.CLIP(**model_config), model_config, config.clip_skip)
 
     @classmethod
     def from_open_clip(cls, name: str, weights_path: str | Path, clip_skip: int = 0) -> "OpenClipTextEncoder":
