@@ -1,4 +1,8 @@
-"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function."""
+"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function.
+
+Only the standard library and t2i's plain modules are imported at the top, so that `t2i --help` answers
+without loading torch or diffusers; each command imports what it uses.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,11 +10,11 @@ import logging
 import sys
 from pathlib import Path
 
+from t2i.diffusion.sampler_names import SAMPLER_NAMES
 from t2i.errors import T2IError
 
-def _parser() -> argparse.ArgumentParser:
-    from t2i.diffusion.samplers import SAMPLERS
 
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i", description="Latent text-to-image diffusion: train and sample.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -51,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=float, default=None,
                           help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
-    generate.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                           help="sampling method (default: the pipeline's, dpmpp_2m)")
     generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")

@@ -33,6 +33,22 @@ def test_console_script_runs():
     assert "demo" in result.stdout and "generate" in result.stdout
 
 
+def test_sampler_names_for_the_command_line_equal_the_registry():
+    from t2i.diffusion.sampler_names import SAMPLER_NAMES
+    from t2i.diffusion.samplers import SAMPLERS
+
+    assert SAMPLER_NAMES == tuple(SAMPLERS)
+
+
+@pytest.mark.parametrize("command", [[], *([name] for name in OPTIONS)])
+def test_help_imports_neither_torch_nor_diffusers(command):
+    code = ("import sys\nfrom t2i.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted({'torch', 'diffusers', 'numpy'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_generate_writes_images(trained_run, tmp_path, capsys):
     out = tmp_path / "red.png"
     assert main(["generate", "--model", str(trained_run / "pipeline"), "a large red circle", "--num-images", "2",
