@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="a run config to use instead of configs/demo.yaml (or demo_gpu.yaml on cuda)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. --set train.unet.steps=500 (repeatable)")
+    demo.add_argument("--resume-weights-only", action="store_true",
+                      help="resume from checkpoints' weights with a fresh optimizer (for checkpoints written by an "
+                           "older t2i, or whose optimizer state is damaged)")
 
     train = commands.add_parser(
         "train", help="train the stages of a run config",
@@ -43,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                             "(the value is read as YAML; repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in run_dir from its latest checkpoints, skipping finished stages")
+    train.add_argument("--resume-weights-only", action="store_true",
+                       help="like --resume, but take only the weights from the checkpoints and start the optimizer "
+                            "afresh (for checkpoints written by an older t2i, or whose optimizer state is damaged)")
 
     generate = commands.add_parser(
         "generate", help="generate images from a prompt with a saved pipeline",
@@ -70,14 +77,16 @@ def _parser() -> argparse.ArgumentParser:
 def _demo(args) -> None:
     from t2i.demo import run_demo
 
-    run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides)
+    run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides,
+             resume_weights_only=args.resume_weights_only)
 
 
 def _train(args) -> None:
     from t2i.config import load_config
     from t2i.training.run import run_training
 
-    pipeline = run_training(load_config(args.config, args.overrides), resume=args.resume)
+    pipeline = run_training(load_config(args.config, args.overrides), resume=args.resume,
+                            resume_weights_only=args.resume_weights_only)
     print(f"pipeline saved to {pipeline}")
 
 
@@ -109,17 +118,39 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+_CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",
+             "train": "rerun the same `t2i train` command with --resume to continue"}
+
+
+def _stop_now(signum: int, frame) -> None:
+    from t2i.training.interrupt import StopNow
+
+    raise StopNow(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
+    from t2i.training.interrupt import StopNow, TrainingInterrupted, signal_name
+
+    # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
+    previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
         {"demo": _demo, "train": _train, "generate": _generate}[args.command](args)
+    except TrainingInterrupted as stopped:
+        print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
+        return stopped.exit_code
     except T2IError as error:
         print(f"t2i {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except StopNow as stopped:
+        print(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}", file=sys.stderr)
+        return 128 + stopped.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

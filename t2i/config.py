@@ -158,6 +158,9 @@ class TrainConfig:
     sample_every: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    # Optimiser steps with a non-finite loss or gradient to skip (no update, as fp16 loss scaling does) before the
+    # stage stops as diverged; 0 stops at the first.
+    max_nonfinite_steps: int = 0
 
     def __post_init__(self):
         _check(self.steps >= 1, "steps must be at least 1")
@@ -166,6 +169,7 @@ class TrainConfig:
         _check(self.learning_rate > 0, "learning_rate must be positive")
         _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must lie in (0, 1)")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
+        _check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from t2i.eval.evaluate import evaluate
 from t2i.eval.report import write_report
 from t2i.pipeline import Text2ImagePipeline
 from t2i.pipeline.pipeline import resolve_device
+from t2i.training import run_lock
 from t2i.training.run import run_training
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -28,11 +29,16 @@ def default_config(device: str) -> Path:
 
 
 def run_demo(out: Path, device: str = "auto", config_path: Path | None = None,
-             overrides: list[str] | None = None) -> dict:
-    started = time.perf_counter()
+             overrides: list[str] | None = None, resume_weights_only: bool = False) -> dict:
     config = load_config(config_path or default_config(device),
                          [*(overrides or []), f"run_dir={out}", f"device={device}"])
-    pipeline_dir = run_training(config, resume=True)
+    with run_lock.hold(out):  # training, sampling and the report: one demo in a folder at a time
+        return _run_demo(out, device, config, resume_weights_only)
+
+
+def _run_demo(out: Path, device: str, config, resume_weights_only: bool) -> dict:
+    started = time.perf_counter()
+    pipeline_dir = run_training(config, resume=True, resume_weights_only=resume_weights_only)
     trained = time.perf_counter()
 
     pipe = Text2ImagePipeline.from_pretrained(pipeline_dir, device=device)

@@ -33,11 +33,11 @@ def test_a_run_trains_every_stage_and_saves_the_pipeline(trained_run):
 def test_checkpoints_are_complete_and_pruned(trained_run):
     checkpoints = sorted((trained_run / "unet" / "checkpoints").iterdir())
     assert [c.name for c in checkpoints] == ["step_0000003", "step_0000006"]
-    for name in ("model.safetensors", "ema.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json",
-                 "config.json"):
-        assert (checkpoints[-1] / name).is_file()
+    assert sorted(p.name for p in checkpoints[-1].iterdir()) == [
+        "config.json", "ema.safetensors", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+        "rng.json", "rng.safetensors", "trainer_state.json"]
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
-    assert state == {"step": 6, "micro_batches": 6}
+    assert state == {"step": 6, "micro_batches": 6, "skipped_steps": 0}
     assert json.loads((checkpoints[-1] / "config.json").read_text())["train"]["unet"]["steps"] == 6
 
 

@@ -1,17 +1,17 @@
 """Pipeline folders on disk: t2i's own layout and diffusers' Stable Diffusion layout.
 
 A t2i folder holds `t2i_pipeline.json` beside vae/, unet/, text_encoder/ (open_clip or Hugging Face CLIP),
-tokenizer/ (Hugging Face only) and scheduler/. A folder is written under a temporary name and renamed
-when complete, so a crash never leaves a half-written pipeline behind.
+tokenizer/ (Hugging Face only) and scheduler/. A folder is written under a temporary name and swapped in
+when complete (t2i.atomic), so a crash never leaves a half-written pipeline, nor none, behind.
 """
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from t2i.atomic import write_folder
 from t2i.errors import T2IError
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
 
@@ -76,20 +76,15 @@ def _read_scheduler_config(path: Path) -> dict:
 
 def save_components(path: Path, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
                     scheduler_config: dict, defaults: dict) -> None:
-    staging = path.with_name(path.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    vae.save_pretrained(staging / "vae")
-    unet.save_pretrained(staging / "unet")
-    if isinstance(text_encoder, HFClipTextEncoder):
-        text_encoder.save(staging / "text_encoder", staging / "tokenizer")
-    else:
-        text_encoder.save(staging / "text_encoder")
-    (staging / SCHEDULER_CONFIG).parent.mkdir()
-    (staging / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2))
-    manifest = {"format": "t2i-pipeline", "version": FORMAT_VERSION, "text_encoder": text_encoder.kind,
-                "clip_skip": text_encoder.clip_skip, "defaults": defaults}
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if path.exists():
-        shutil.rmtree(path)
-    staging.rename(path)
+    with write_folder(path, "pipeline") as staging:
+        vae.save_pretrained(staging / "vae")
+        unet.save_pretrained(staging / "unet")
+        if isinstance(text_encoder, HFClipTextEncoder):
+            text_encoder.save(staging / "text_encoder", staging / "tokenizer")
+        else:
+            text_encoder.save(staging / "text_encoder")
+        (staging / SCHEDULER_CONFIG).parent.mkdir()
+        (staging / SCHEDULER_CONFIG).write_text(json.dumps(scheduler_config, indent=2))
+        manifest = {"format": "t2i-pipeline", "version": FORMAT_VERSION, "text_encoder": text_encoder.kind,
+                    "clip_skip": text_encoder.clip_skip, "defaults": defaults}
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 from t2i.errors import T2IError
+from t2i.training.interrupt import StopRequest
 
 
 def is_launched() -> bool:
@@ -26,29 +27,48 @@ def is_launched() -> bool:
 
 
 def launch_local(function: Callable, args: tuple, num_processes: int) -> None:
-    """Run `function(*args)` in `num_processes` fresh CPU processes that share the machine's cores."""
+    """Run `function(*args, stop=...)` in `num_processes` fresh CPU processes that share the machine's cores.
+
+    `stop` is each worker's StopRequest: a signal to this process, or to any worker, reaches all of them once.
+    An error a worker raises as T2IError is raised here as itself.
+    """
+    context = mp.get_context("spawn")
+    shared_stop, errors = context.Value("i", 0), context.SimpleQueue()
     threads = max(1, (os.cpu_count() or 1) // num_processes)
-    try:
-        mp.start_processes(_worker, args=(function, args, num_processes, _free_port(), threads),
-                           nprocs=num_processes, start_method="spawn")
-    except mp.ProcessRaisedException as error:
-        # The worker's own error: for T2IError its message, otherwise its traceback, which says where it failed.
-        message = str(error).strip().splitlines()[-1]
-        if message.startswith("t2i.errors."):
-            raise T2IError(message.split(": ", 1)[1]) from None
-        raise
-    except mp.ProcessExitedException as error:
-        raise T2IError(f"a training process died ({error}); see its output above") from None
+    with StopRequest(shared_stop).installed():
+        workers = mp.start_processes(
+            _worker, args=(function, args, num_processes, _free_port(), threads, shared_stop, errors),
+            nprocs=num_processes, start_method="spawn", join=False)
+        try:
+            while not workers.join():
+                pass
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as failure:
+            if not errors.empty():
+                raise errors.get() from None
+            if isinstance(failure, mp.ProcessExitedException):
+                raise T2IError(f"a training process died ({failure}); see its output above") from None
+            raise
+        except BaseException:  # a second signal, or any error here: the workers end with this process
+            for process in workers.processes:
+                process.kill()
+            raise
 
 
-def _worker(rank: int, function: Callable, args: tuple, world_size: int, port: int, threads: int) -> None:
+def _worker(rank: int, function: Callable, args: tuple, world_size: int, port: int, threads: int,
+            shared_stop, errors) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS=str(threads))
     if sys.platform == "linux":  # gloo picks its interface from the hostname unless told; loopback always works
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(threads)
-    function(*args)
+    stop = StopRequest(shared_stop)
+    try:
+        with stop.installed():
+            function(*args, stop=stop)
+    except T2IError as error:
+        errors.put(error)
+        raise
 
 
 def _free_port() -> int:

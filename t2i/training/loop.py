@@ -6,12 +6,15 @@ resume. A stage supplies only its model, its loss and (optionally) how to draw s
 
 Exact resume: the data order and all training randomness are pure functions of (seed, micro-batch index),
 so a run resumed from a checkpoint at step k computes exactly what an uninterrupted run computes after k.
+
+Failing safe: a non-finite loss or gradient stops the stage at that step (or skips a bounded number of such
+steps, `max_nonfinite_steps`), and no checkpoint or final model is written with non-finite weights. A first
+SIGTERM or SIGINT finishes the step, writes a checkpoint and stops; every process agrees on that step.
 """
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -24,15 +27,18 @@ from diffusers.training_utils import EMAModel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from t2i.atomic import write_folder
 from t2i.config import TrainConfig
 from t2i.data.sampler import ResumableBatchSampler
 from t2i.errors import T2IError
 from t2i.training.checkpoint import (
     TrainingState,
+    checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from t2i.training.interrupt import StopRequest, TrainingInterrupted, signal_name
 
 FINAL = "final"  # the stage's exported model, inside its run folder; present only once complete
 # Large odd multiplier that spreads (seed, micro-batch) pairs over distinct generator seeds.
@@ -53,6 +59,10 @@ class Stage(Protocol):
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """Export the finished model (EMA weights, when EMA is on) in its loadable format."""
+
+
+class DivergenceError(T2IError):
+    """The loss, gradients or weights stopped being finite."""
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
@@ -77,98 +87,208 @@ def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
 
 
 def train(stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, device: torch.device,
-          resolved_config: dict, resume: bool = False) -> torch.nn.Module:
+          resolved_config: dict, resume: bool = False, resume_weights_only: bool = False,
+          stop: StopRequest | None = None) -> torch.nn.Module:
     """Train `stage.model` on `dataset` for `config.steps` optimiser steps; return it with its final weights
     (the EMA weights, when EMA is on), after `stage.save` has exported it to `run_dir / FINAL`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(device, config.mixed_precision)
-    trainable = [p for p in stage.model.parameters() if p.requires_grad]
-    # The fused kernel does the whole update in one pass: 10% of a demo U-Net step on a 2-core CPU.
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                  weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
-    stage_loss, optimizer = accelerator.prepare(_StageLoss(stage), optimizer)
-    model = accelerator.unwrap_model(stage_loss).model  # the bare network: checkpointed, EMA'd, sampled
-    ema = EMAModel(model.parameters(), decay=config.ema_decay) if config.ema_decay else None
+    loop = TrainLoop(stage, dataset, config, run_dir, device, resolved_config, stop or StopRequest())
+    if resume or resume_weights_only:
+        loop.resume(weights_only=resume_weights_only)
+    return loop.run()
 
-    state = TrainingState(step=0, micro_batches=0)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
-    if checkpoint is not None:
-        state, ema_weights = load_checkpoint(checkpoint, model, optimizer, lr_scheduler)
-        if ema is not None and ema_weights is not None:
-            _load_ema(ema, model, ema_weights, state.step)
-        accelerator.print(f"[{stage.name}] resumed from {checkpoint} at step {state.step}")
 
-    sampler = ResumableBatchSampler(len(dataset), config.batch_size, seed=config.seed,
-                                    start_batch=state.micro_batches, rank=accelerator.process_index,
-                                    world_size=accelerator.num_processes)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler))
-    metrics_file = run_dir / "metrics.jsonl"
-    if accelerator.is_main_process:
-        _drop_metrics_after(metrics_file, state.step)  # logged by a run killed after its last checkpoint
-    tensorboard = _tensorboard_writer(run_dir) if accelerator.is_main_process else None
+class TrainLoop:
+    """One stage's training: `run_step` does one optimiser step; `run` repeats it, logs, samples and saves."""
 
-    def checkpoint_now() -> None:
-        if accelerator.is_main_process:
-            ema_weights = _ema_weights(ema, model) if ema else None
-            save_checkpoint(run_dir, state, model, ema_weights, optimizer, lr_scheduler,
-                            resolved_config, config.keep_checkpoints)
+    def __init__(self, stage: Stage, dataset: Dataset, config: TrainConfig, run_dir: Path, device: torch.device,
+                 resolved_config: dict, stop: StopRequest):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.stage, self.dataset, self.config, self.run_dir = stage, dataset, config, run_dir
+        self.resolved_config, self.stop = resolved_config, stop
+        self.accelerator = make_accelerator(device, config.mixed_precision)
+        trainable = [p for p in stage.model.parameters() if p.requires_grad]
+        # The fused kernel does the whole update in one pass: 10% of a demo U-Net step on a 2-core CPU.
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
+                                      weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+        self.stage_loss, self.optimizer = self.accelerator.prepare(_StageLoss(stage), optimizer)
+        self.model = self.accelerator.unwrap_model(self.stage_loss).model  # the bare network
+        self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay) if config.ema_decay else None
+        self.state = TrainingState(step=0, micro_batches=0)
+        self.saved_step: int | None = None  # the step of the latest checkpoint, known alike to every process
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.is_main = self.accelerator.is_main_process
 
-    model.train()
-    progress = tqdm(total=config.steps, initial=state.step, desc=stage.name, disable=not accelerator.is_main_process,
-                    dynamic_ncols=True)
-    started = time.perf_counter()
-    while state.step < config.steps:
+    def resume(self, weights_only: bool = False) -> None:
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return
+        self.state, ema_weights = load_checkpoint(checkpoint, self.model, self.optimizer, self.lr_scheduler,
+                                                  weights_only=weights_only)
+        self.saved_step = self.state.step
+        if self.ema is not None and ema_weights is not None:
+            _load_ema(self.ema, self.model, ema_weights, self.state.step - self.state.skipped_steps)
+        how = "weights only, fresh optimizer" if weights_only else "exact"
+        self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.step} ({how})")
+
+    def run(self) -> torch.nn.Module:
+        config, accelerator = self.config, self.accelerator
+        sampler = ResumableBatchSampler(len(self.dataset), config.batch_size, seed=config.seed,
+                                        start_batch=self.state.micro_batches, rank=accelerator.process_index,
+                                        world_size=accelerator.num_processes)
+        self.batches = iter(DataLoader(self.dataset, batch_sampler=sampler))
+        if self.is_main:
+            _drop_metrics_after(self.metrics_file, self.state.step)  # logged by a run killed after its checkpoint
+        tensorboard = _tensorboard_writer(self.run_dir) if self.is_main else None
+        self.model.train()
+        progress = tqdm(total=config.steps, initial=self.state.step, desc=self.stage.name,
+                        disable=not self.is_main, dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            while self.state.step < config.steps:
+                logged, stop_signal = self.run_step()
+                progress.update(1)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}")
+                self._log(logged, started, tensorboard)
+                self._sample_if_due()
+                if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if stop_signal:
+                    self._stop(stop_signal)
+        finally:
+            progress.close()
+            if tensorboard is not None:
+                tensorboard.close()
+        if self.saved_step != self.state.step:
+            self.save_checkpoint()
+        return self.finish()
+
+    def forward_backward(self) -> dict[str, float]:
+        """Accumulate the gradients of `grad_accum_steps` micro-batches; return their mean metrics."""
+        config, accelerator = self.config, self.accelerator
         logged: dict[str, float] = {}
         for micro in range(config.grad_accum_steps):
             generator = torch.Generator(accelerator.device).manual_seed(
-                config.seed * _SEED_STRIDE + state.micro_batches * accelerator.num_processes
+                config.seed * _SEED_STRIDE + self.state.micro_batches * accelerator.num_processes
                 + accelerator.process_index)
-            batch = _to_device(next(batches), accelerator.device)
+            batch = _to_device(next(self.batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
-            with accelerator.no_sync(stage_loss) if not last_micro else nullcontext(), accelerator.autocast():
-                loss, metrics = stage_loss(batch, generator)
+            with (accelerator.no_sync(self.stage_loss) if not last_micro else nullcontext(),
+                  accelerator.autocast()):
+                loss, metrics = self.stage_loss(batch, generator)
                 accelerator.backward(loss / config.grad_accum_steps)
-            state.micro_batches += 1
+            self.state.micro_batches += 1
             for key, value in {"loss": loss.item(), **metrics}.items():
                 logged[key] = logged.get(key, 0.0) + value / config.grad_accum_steps
-        if config.grad_clip is not None:
-            logged["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.grad_clip))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.step(model.parameters())
-        state.step += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{logged['loss']:.4f}")
+        return logged
 
-        if accelerator.is_main_process and (state.step % config.log_every == 0 or state.step == config.steps):
-            record = {"step": state.step, "lr": lr_scheduler.get_last_lr()[0],
-                      "elapsed_s": round(time.perf_counter() - started, 2), **logged}
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            if tensorboard is not None:
-                for key, value in logged.items():
-                    tensorboard.add_scalar(f"{stage.name}/{key}", value, state.step)
-        if config.sample_every and state.step % config.sample_every == 0 and accelerator.is_main_process:
-            with _ema_applied(ema, model):
-                stage.sample(model, run_dir / "samples" / f"step_{state.step:07d}.png")
-            model.train()
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < config.steps:
-            checkpoint_now()
-    progress.close()
-    checkpoint_now()
+    def run_step(self) -> tuple[dict[str, float], int]:
+        """One optimiser step (or, for a non-finite one within `max_nonfinite_steps`, a skipped update).
 
-    if ema is not None:
-        ema.copy_to(model.parameters())
-    model.eval()
-    if accelerator.is_main_process:
-        _save_atomically(stage, model, run_dir / FINAL)
-    accelerator.wait_for_everyone()
-    if tensorboard is not None:
-        tensorboard.close()
-    return model
+        Returns the step's metrics and the signal every process agreed to stop on (0: none)."""
+        logged = self.forward_backward()
+        logged["grad_norm"] = self._grad_norm()
+        # fp16 loss scaling overflows on purpose now and then; its scaler skips those updates itself.
+        checked = ("loss",) if self.config.mixed_precision == "fp16" else ("loss", "grad_norm")
+        nonfinite, stop_signal = self._agree(any(not math.isfinite(logged[key]) for key in checked),
+                                             self.stop.signum or 0)
+        if nonfinite:
+            self.state.skipped_steps += 1
+            if self.state.skipped_steps > self.config.max_nonfinite_steps:
+                raise DivergenceError(self._divergence_message(logged))
+            logged["skipped_steps"] = self.state.skipped_steps
+        else:
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.model.parameters())
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return logged, stop_signal
+
+    def _grad_norm(self) -> float:
+        if self.config.grad_clip is not None:
+            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _agree(self, nonfinite: bool, stop_signal: int) -> tuple[bool, int]:
+        """Every process's verdicts, combined: a non-finite step or a stop anywhere holds everywhere."""
+        if self.accelerator.num_processes == 1:
+            return nonfinite, stop_signal
+        flags = torch.tensor([float(nonfinite), float(stop_signal)], device=self.accelerator.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return bool(flags[0]), int(flags[1])
+
+    def _divergence_message(self, logged: dict[str, float]) -> str:
+        config, name = self.config, self.stage.name
+        last = latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint, '{last}', is kept" if last else "no checkpoint had been written"
+        causes = f"train.{name}.learning_rate ({config.learning_rate:g}) too high"
+        if config.grad_clip is None:
+            causes += f" with no train.{name}.grad_clip"
+        if config.mixed_precision != "no":
+            causes += f", or {config.mixed_precision} overflow (try train.{name}.mixed_precision: no or bf16)"
+        allowed = (f" after skipping {config.max_nonfinite_steps}" if config.max_nonfinite_steps else "")
+        return (f"[{name}] training diverged at step {self.state.step + 1}: loss {logged['loss']:.4g}, gradient norm "
+                f"{logged['grad_norm']:.4g}{allowed}; stopped, {kept}. Likely cause: {causes}. To skip a few such "
+                f"steps instead, set train.{name}.max_nonfinite_steps")
+
+    def _log(self, logged: dict[str, float], started: float, tensorboard) -> None:
+        step = self.state.step
+        if not self.is_main or (step % self.config.log_every and step != self.config.steps):
+            return
+        record = {"step": step, "lr": self.lr_scheduler.get_last_lr()[0],
+                  "elapsed_s": round(time.perf_counter() - started, 2), **logged}
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
+        if tensorboard is not None:
+            for key, value in logged.items():
+                tensorboard.add_scalar(f"{self.stage.name}/{key}", value, step)
+
+    def _sample_if_due(self) -> None:
+        every = self.config.sample_every
+        if every and self.state.step % every == 0 and self.is_main:
+            with _ema_applied(self.ema, self.model):
+                self.stage.sample(self.model, self.run_dir / "samples" / f"step_{self.state.step:07d}.png")
+            self.model.train()
+
+    def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current step (main process); refuse non-finite weights."""
+        if self.is_main:
+            self._check_weights_finite()
+            ema_weights = _ema_weights(self.ema, self.model) if self.ema else None
+            save_checkpoint(self.run_dir, self.state, self.model, ema_weights, self.optimizer, self.lr_scheduler,
+                            self.resolved_config, self.config.keep_checkpoints)
+        self.saved_step = self.state.step
+        self.accelerator.wait_for_everyone()
+
+    def _check_weights_finite(self) -> None:
+        tensors = list(self.model.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
+        if not all(torch.isfinite(t).all() for t in tensors):
+            last = latest_checkpoint(self.run_dir)
+            raise DivergenceError(f"[{self.stage.name}] the weights are no longer finite at step {self.state.step}; "
+                                  f"nothing was saved (last good checkpoint: {last or 'none'}). Lower "
+                                  f"train.{self.stage.name}.learning_rate or set its grad_clip")
+
+    def _stop(self, signum: int) -> None:
+        if self.saved_step != self.state.step:
+            self.save_checkpoint()
+        where = checkpoint_dir(self.run_dir, self.state.step)
+        raise TrainingInterrupted(signum, f"[{self.stage.name}] stopped by {signal_name(signum)} after step "
+                                          f"{self.state.step} of {self.config.steps}; checkpoint saved to '{where}'")
+
+    def finish(self) -> torch.nn.Module:
+        """Swap in the EMA weights and export the finished model to `run_dir / FINAL`."""
+        if self.ema is not None:
+            self.ema.copy_to(self.model.parameters())
+        self.model.eval()
+        if self.is_main:
+            self._check_weights_finite()
+            with write_folder(self.run_dir / FINAL, f"the finished {self.stage.name} model") as staging:
+                self.stage.save(self.model, staging)
+        self.accelerator.wait_for_everyone()
+        return self.model
 
 
 class _StageLoss(torch.nn.Module):
@@ -183,18 +303,22 @@ class _StageLoss(torch.nn.Module):
         return self.loss(self.model, batch, generator)
 
 
-def _save_atomically(stage: Stage, model: torch.nn.Module, folder: Path) -> None:
-    staging = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    stage.save(model, staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+def _finite_or_none(record: dict) -> dict:
+    """metrics.jsonl stays strict JSON: a NaN or infinite value is written as null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
 
 
 def _drop_metrics_after(metrics_file: Path, step: int) -> None:
+    """Keep the records up to `step`; a line cut short by a kill is dropped too."""
     if not metrics_file.is_file():
         return
-    kept = [line for line in metrics_file.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     metrics_file.write_text("".join(line + "\n" for line in kept))
 
 
@@ -221,11 +345,11 @@ def _ema_weights(ema: EMAModel, model: torch.nn.Module) -> dict[str, torch.Tenso
     return dict(zip(names, ema.shadow_params))
 
 
-def _load_ema(ema: EMAModel, model: torch.nn.Module, weights: dict[str, torch.Tensor], step: int) -> None:
+def _load_ema(ema: EMAModel, model: torch.nn.Module, weights: dict[str, torch.Tensor], updates: int) -> None:
     names = [name for name, _ in model.named_parameters()]
     for name, shadow in zip(names, ema.shadow_params):
         shadow.data.copy_(weights[name])
-    ema.optimization_step = step
+    ema.optimization_step = updates
 
 
 def _tensorboard_writer(run_dir: Path):

@@ -6,14 +6,20 @@
     run_dir/unet/final           UNet2DConditionModel
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
+    run_dir/t2i.lock             while a run is in progress: who holds the folder
+
+One run at a time per folder: the main process holds the folder's lock for every process of the run. A first
+SIGTERM or SIGINT stops the stage in training after its current step, with a checkpoint to resume from.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from t2i.config import RunConfig
@@ -27,6 +33,8 @@ from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
 from t2i.pipeline.pipeline import resolve_device
+from t2i.training import run_lock
+from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
 from t2i.training.stages.clip import ClipStage
@@ -64,23 +72,57 @@ def pipeline_scheduler_config(config: RunConfig) -> dict:
     return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction)
 
 
-def run_training(config: RunConfig, resume: bool = False) -> Path:
-    """Train every configured stage (skipping finished ones when resuming) and save the pipeline."""
+def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path:
+    """Train every configured stage (skipping finished ones when resuming) and save the pipeline.
+
+    `resume_weights_only` resumes each stage from its latest checkpoint's weights with a fresh optimizer: for
+    checkpoints whose optimizer state cannot be read (written by an older t2i, or damaged).
+    """
     device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    resume = resume or resume_weights_only
     if config.local_processes > 1 and not is_launched():
         if device.type != "cpu":
             raise T2IError("local_processes > 1 splits CPU training between processes; on GPUs start "
                            "`t2i train` under `accelerate launch` instead")
-        launch_local(_train_stages, (config, device, resume), config.local_processes)
-        return Path(config.run_dir) / "pipeline"
-    return _train_stages(config, device, resume)
+        with run_lock.hold(run_dir):
+            launch_local(_train_stages, (config, device, resume, resume_weights_only), config.local_processes)
+        return run_dir / "pipeline"
+    processes = PartialState(cpu=device.type == "cpu")
+    with _run_folder_locked(run_dir, processes), StopRequest().installed() as stop:
+        return _train_stages(config, device, resume, resume_weights_only, stop=stop)
 
 
-def _train_stages(config: RunConfig, device: torch.device, resume: bool) -> Path:
+@contextmanager
+def _run_folder_locked(run_dir: Path, processes: PartialState):
+    """The main process holds the run folder's lock for all; if it cannot, every process stops with its reason."""
+    lock, refusal = None, None
+    if processes.is_main_process:
+        try:
+            lock = run_lock.acquire(run_dir)
+        except run_lock.RunFolderBusy as error:
+            refusal = str(error)
+    if processes.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise run_lock.RunFolderBusy(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            run_lock.release(lock)
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(not p.name.startswith(run_lock.LOCK_NAME) for p in run_dir.iterdir())
+
+
+def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_weights_only: bool,
+                  stop: StopRequest) -> Path:
     run_dir = Path(config.run_dir)
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
     processes = PartialState(cpu=device.type == "cpu")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if _holds_a_run(run_dir) and not resume:
         raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
                        "another folder with --set run_dir=...")
     processes.wait_for_everyone()
@@ -98,7 +140,8 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool) -> Path
         train_config = getattr(config.train, name)
         torch.manual_seed(train_config.seed)  # the same initial weights on every run
         stage, stage_data = _build_stage(name, config, run_dir, dataset, device)
-        train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume)
+        train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume,
+              resume_weights_only=resume_weights_only, stop=stop)
     if processes.is_main_process:
         assemble_pipeline(config, run_dir)
     processes.wait_for_everyone()
