@@ -9,6 +9,7 @@ import argparse
 import logging
 import signal
 import sys
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from t2i.diffusion.sampler_names import SAMPLER_NAMES
@@ -74,19 +75,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _demo(args) -> None:
-    from t2i.demo import run_demo
+@contextmanager
+def _run_folder_held(run_dir: Path):
+    """Lock the run folder before loading torch, so that a second run into it is refused in a moment.
 
-    run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides,
-             resume_weights_only=args.resume_weights_only)
+    Under a launcher (accelerate launch, torchrun) every process runs the command; the training then takes the
+    lock in the main process, for all of them.
+    """
+    from t2i.training import run_lock
+    from t2i.training.launch import is_launched
+
+    with nullcontext() if is_launched() else run_lock.hold(run_dir):
+        yield
+
+
+def _demo(args) -> None:
+    with _run_folder_held(args.out):
+        from t2i.demo import run_demo
+
+        run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides,
+                 resume_weights_only=args.resume_weights_only)
 
 
 def _train(args) -> None:
     from t2i.config import load_config
-    from t2i.training.run import run_training
 
-    pipeline = run_training(load_config(args.config, args.overrides), resume=args.resume,
-                            resume_weights_only=args.resume_weights_only)
+    config = load_config(args.config, args.overrides)
+    with _run_folder_held(Path(config.run_dir)):
+        from t2i.training.run import run_training
+
+        pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
     print(f"pipeline saved to {pipeline}")
 
 

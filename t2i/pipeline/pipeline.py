@@ -45,6 +45,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+class NonFiniteSample(T2IError):
+    """Sampling produced NaN or infinite values; the message says whether the model or the sampler did."""
+
+
 class Text2ImagePipeline:
     """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on."""
 
@@ -158,17 +162,22 @@ class Text2ImagePipeline:
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators)
+        predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t)
             prediction = self.unet(model_input, t, encoder_hidden_states=context).sample
+            predictions_finite &= torch.isfinite(prediction).all()
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+        if not predictions_finite:
+            raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
+                                  "its weights have diverged or overflow in this dtype")
         if not torch.isfinite(latents).all():
-            raise T2IError(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps or "
-                           "another sampler")
+            raise NonFiniteSample(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps "
+                                  "or another sampler")
         return latents
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:

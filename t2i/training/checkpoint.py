@@ -122,9 +122,20 @@ def _reading(folder: Path, *names: str):
         yield
     except (OSError, SafetensorError, ValueError, KeyError, TypeError) as error:
         missing = [name for name in names if not (folder / name).is_file()]
-        problem = "is missing" if missing else f"is corrupt or truncated ({_first_line(error)})"
-        path = folder / (missing[0] if missing else " + ".join(names))
-        raise CheckpointError(f"checkpoint file '{path}' {problem}; {_fallback_hint(folder)}") from None
+        if missing:
+            problem, name = "is missing", missing[0]
+        else:
+            problem, name = f"is corrupt or truncated ({_first_line(error)})", _damaged(names, error)
+        raise CheckpointError(f"checkpoint file '{folder / name}' {problem}; {_fallback_hint(folder)}") from None
+
+
+def _damaged(names: tuple[str, ...], error: BaseException) -> str:
+    """Which of the files read together failed, as the error's type tells."""
+    suffix = {SafetensorError: ".safetensors", json.JSONDecodeError: ".json", UnicodeDecodeError: ".json"}
+    for kind, ending in suffix.items():
+        if isinstance(error, kind):
+            return next((name for name in names if name.endswith(ending)), names[0])
+    return " + ".join(names)
 
 
 def _first_line(error: BaseException) -> str:

@@ -14,11 +14,11 @@ import socket
 import sys
 from collections.abc import Callable
 
-import torch
-import torch.multiprocessing as mp
-
 from t2i.errors import T2IError
 from t2i.training.interrupt import StopRequest
+
+
+# torch is imported where it is used: the command line asks `is_launched` before it loads torch.
 
 
 def is_launched() -> bool:
@@ -32,6 +32,8 @@ def launch_local(function: Callable, args: tuple, num_processes: int) -> None:
     `stop` is each worker's StopRequest: a signal to this process, or to any worker, reaches all of them once.
     An error a worker raises as T2IError is raised here as itself.
     """
+    import torch.multiprocessing as mp
+
     context = mp.get_context("spawn")
     shared_stop, errors = context.Value("i", 0), context.SimpleQueue()
     threads = max(1, (os.cpu_count() or 1) // num_processes)
@@ -61,6 +63,8 @@ def _worker(rank: int, function: Callable, args: tuple, world_size: int, port: i
                       OMP_NUM_THREADS=str(threads))
     if sys.platform == "linux":  # gloo picks its interface from the hostname unless told; loopback always works
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch
+
     torch.set_num_threads(threads)
     stop = StopRequest(shared_stop)
     try:

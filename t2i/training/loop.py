@@ -31,6 +31,7 @@ from t2i.atomic import write_folder
 from t2i.config import TrainConfig
 from t2i.data.sampler import ResumableBatchSampler
 from t2i.errors import T2IError
+from t2i.pipeline.pipeline import NonFiniteSample
 from t2i.training.checkpoint import (
     TrainingState,
     checkpoint_dir,
@@ -222,6 +223,14 @@ class TrainLoop:
 
     def _divergence_message(self, logged: dict[str, float]) -> str:
         config, name = self.config, self.stage.name
+        allowed = (f" after skipping {config.max_nonfinite_steps}" if config.max_nonfinite_steps else "")
+        return (f"[{name}] training diverged at step {self.state.step + 1}: loss {logged['loss']:.4g}, gradient norm "
+                f"{logged['grad_norm']:.4g}{allowed}; {self._diagnosis()}. To skip a few such steps instead, set "
+                f"train.{name}.max_nonfinite_steps")
+
+    def _diagnosis(self) -> str:
+        """What was kept, and the likely causes of a divergence, for the stage's error line."""
+        config, name = self.config, self.stage.name
         last = latest_checkpoint(self.run_dir)
         kept = f"the last good checkpoint, '{last}', is kept" if last else "no checkpoint had been written"
         causes = f"train.{name}.learning_rate ({config.learning_rate:g}) too high"
@@ -229,10 +238,7 @@ class TrainLoop:
             causes += f" with no train.{name}.grad_clip"
         if config.mixed_precision != "no":
             causes += f", or {config.mixed_precision} overflow (try train.{name}.mixed_precision: no or bf16)"
-        allowed = (f" after skipping {config.max_nonfinite_steps}" if config.max_nonfinite_steps else "")
-        return (f"[{name}] training diverged at step {self.state.step + 1}: loss {logged['loss']:.4g}, gradient norm "
-                f"{logged['grad_norm']:.4g}{allowed}; stopped, {kept}. Likely cause: {causes}. To skip a few such "
-                f"steps instead, set train.{name}.max_nonfinite_steps")
+        return f"stopped, {kept}. Likely cause: {causes}"
 
     def _log(self, logged: dict[str, float], started: float, tensorboard) -> None:
         step = self.state.step
@@ -249,8 +255,12 @@ class TrainLoop:
     def _sample_if_due(self) -> None:
         every = self.config.sample_every
         if every and self.state.step % every == 0 and self.is_main:
-            with _ema_applied(self.ema, self.model):
-                self.stage.sample(self.model, self.run_dir / "samples" / f"step_{self.state.step:07d}.png")
+            try:
+                with _ema_applied(self.ema, self.model):
+                    self.stage.sample(self.model, self.run_dir / "samples" / f"step_{self.state.step:07d}.png")
+            except NonFiniteSample as error:
+                raise DivergenceError(f"[{self.stage.name}] the sample grid at step {self.state.step} is not finite "
+                                      f"({error}); {self._diagnosis()}") from None
             self.model.train()
 
     def save_checkpoint(self) -> None:
