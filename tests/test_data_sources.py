@@ -132,3 +132,29 @@ def test_shapes_come_through_the_same_entry_point():
     train, validation, report = build_datasets(DataConfig(size=8))
     assert len(train) == 8 and validation is None and report.kept == 8
     assert train[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_a_datasets_folder_with_its_own_column_names(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset caches here
+    folder = clean_folder(tmp_path, count=5)
+    names = sorted(folder.good)
+    pictures = [{"bytes": (folder.root / name).read_bytes(), "path": None} for name in names]
+    pictures[1] = {"bytes": b"", "path": None}
+    captions = [folder.good[name] for name in names]
+    captions[3] = None
+    table = datasets.Dataset.from_dict({"picture": pictures, "words": captions},
+                                       features=datasets.Features({"picture": datasets.Image(),
+                                                                   "words": datasets.Value("string")}))
+    table.save_to_disk(str(tmp_path / "saved"))
+    config = DataConfig(dataset="datasets", path=str(tmp_path / "saved"), image_column="picture",
+                        caption_column="words", max_bad_fraction=0.5)
+    train, _, report = build_datasets(config, tmp_path / "run")
+    assert quarantined(tmp_path / "run") == {"train[1]": "zero-byte file", "train[3]": "missing caption"}
+    assert [s.caption for s in train.samples] == [captions[i] for i in (0, 2, 4)]
+    assert train[1]["pixel_values"].shape == (3, 32, 32)
+    table.to_parquet(str(tmp_path / "table.parquet"))
+    from_file, _, _ = build_datasets(replace(config, path=str(tmp_path / "table.parquet")))
+    assert torch.equal(from_file[2]["pixel_values"], train[2]["pixel_values"])
+    with pytest.raises(T2IError, match="has no column 'image'"):
+        build_datasets(replace(config, image_column="image"))
