@@ -128,3 +128,43 @@ def clean_folder(base: Path, count: int = GOOD_COUNT, metadata: Literal["jsonl",
         for name, caption in folder.good.items():
             (root / name).with_suffix(".txt").write_text(caption)
     return folder
+
+
+def write_shards(base: Path, count: int = 24, per_shard: int = 8, bad: bool = True) -> PlantedFolder:
+    """Tar shards in the webdataset layout (key.png + key.txt); with `bad`, one shard also holds a truncated
+    image, a sample without caption, a caption that is not UTF-8, and a non-image under an image name."""
+    import tarfile
+
+    root = base / "shards"
+    root.mkdir(parents=True)
+    folder = PlantedFolder(root)
+    members: list[tuple[str, bytes]] = []
+    for i in range(count):
+        key = f"sample_{i:04d}"
+        caption = f"a streamed picture, number {i}"
+        members += [(f"{key}.png", image_bytes(GOOD_SIZES[i % len(GOOD_SIZES)], seed=i)),
+                    (f"{key}.txt", caption.encode())]
+    shard_names = [f"shard-{s:03d}.tar" for s in range(-(-count // per_shard))]
+    for s, name in enumerate(shard_names):
+        for key_index in range(s * per_shard, min(count, (s + 1) * per_shard)):
+            folder.good[f"{name}:sample_{key_index:04d}"] = f"a streamed picture, number {key_index}"
+    if bad:
+        png = image_bytes((48, 48), 300)
+        planted = [("bad_truncated", [("png", png[: len(png) // 2]), ("txt", b"half an image")], "truncated image"),
+                   ("bad_uncaptioned", [("png", png)], "missing caption"),
+                   ("bad_latin1", [("png", png), ("txt", "café".encode("latin-1"))], "caption not UTF-8"),
+                   ("bad_text", [("jpg", b"not a jpeg"), ("txt", b"words")], "not an image")]
+        for key, parts, reason in planted:
+            members += [(f"{key}.{ext}", data) for ext, data in parts]
+            folder.bad[f"{shard_names[-1]}:{key}"] = reason
+    # Members are grouped per shard in order: good samples of shard s, and the bad ones in the last shard.
+    for s, name in enumerate(shard_names):
+        keys = {f"sample_{i:04d}" for i in range(s * per_shard, min(count, (s + 1) * per_shard))}
+        with tarfile.open(root / name, "w") as tar:
+            for member, data in members:
+                key = member.split(".", 1)[0]
+                if key in keys or (key.startswith("bad_") and s == len(shard_names) - 1):
+                    info = tarfile.TarInfo(member)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return folder

@@ -4,13 +4,13 @@
 
 Map-style sources (imagefolder, datasets) are listed in sorted order and checked up front (`t2i.data.scan`);
 the bad entries go to run_dir/quarantine.jsonl, one line says what was kept and skipped, and the build stops
-when more than `data.max_bad_fraction` is bad. Nothing depends on the process's rank, so every rank of a
+when more than `data.max_bad_fraction` is bad. Tar shards (webdataset) are streamed and checked as they are
+met (`t2i.data.sources.webdataset.ShardStream`); use `t2i.data.loader.train_batches` to batch any of them. Nothing depends on the process's rank, so every rank of a
 multi-process run keeps the same samples in the same order. Items are {"pixel_values", "caption", "index"},
 as the shapes dataset gives.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +20,12 @@ from t2i.config import DataConfig
 from t2i.data.buckets import assign_buckets, bucket_shapes
 from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.quarantine import QUARANTINE_FILE, Quarantine, ScanReport
-from t2i.data.scan import Sample, scan
+from t2i.data.scan import scan
 from t2i.data.shapes import ShapesDataset
 from t2i.data.sources.entry import Entry
 from t2i.data.sources.imagefolder import list_imagefolder
+from t2i.data.sources.webdataset import ShardStream, StreamOptions, list_shards
+from t2i.data.split import split_validation
 
 Datasets = tuple[Dataset, Dataset | None, ScanReport]
 
@@ -40,7 +42,8 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     report.quarantine_path = quarantine_path
     if main_process:
         print(report.summary(), flush=True)
-    report.check(config.max_bad_fraction)
+    if report.shards is None:  # a stream checks as it goes (t2i.data.sources.webdataset)
+        report.check(config.max_bad_fraction)
     return train, validation, report
 
 
@@ -63,6 +66,17 @@ def _hf_datasets(config: DataConfig, quarantine: Quarantine) -> Datasets:
     return _scanned(entries, config, quarantine)
 
 
+def _webdataset(config: DataConfig, quarantine: Quarantine) -> Datasets:
+    shards = list_shards(Path(config.path))
+    options = StreamOptions(config.resolution, config.crop, config.random_flip, config.seed, config.shuffle_buffer,
+                            config.smallest_image_side, config.max_caption_length, config.max_bad_fraction,
+                            config.validation_fraction)
+    train = ShardStream(shards, options, quarantine, quarantine.path)
+    validation = (ShardStream(shards, options, quarantine, quarantine.path, validation=True)
+                  if config.validation_fraction > 0 else None)
+    return train, validation, ScanReport(kept=0, shards=len(shards))
+
+
 def _scanned(entries: list[Entry], config: DataConfig, quarantine: Quarantine) -> Datasets:
     samples = scan(entries, config.smallest_image_side, config.max_caption_length, quarantine)
     report = ScanReport(kept=len(samples), skipped=quarantine.counts)
@@ -79,24 +93,9 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine: Quarantine) -
     return train, validation, report
 
 
-def holdout_score(name: str) -> float:
-    """A number in [0, 1) fixed by the entry's name alone, so adding files never moves another file."""
-    digest = hashlib.sha256(name.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_validation(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation): the round(fraction * n) samples (at least one, when fraction > 0) of lowest
-    `holdout_score`, each list in its original order."""
-    if fraction == 0.0 or len(samples) < 2:
-        return samples, []
-    count = min(len(samples) - 1, max(1, round(fraction * len(samples))))
-    held = set(sorted(range(len(samples)), key=lambda i: holdout_score(samples[i].name))[:count])
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
-
-
 _BUILDERS: dict[str, Callable[[DataConfig, Quarantine], Datasets]] = {
     "shapes": _shapes,
     "imagefolder": _imagefolder,
     "datasets": _hf_datasets,
+    "webdataset": _webdataset,
 }

@@ -32,6 +32,8 @@ EMPTY_CAPTION = "empty caption"
 CAPTION_NOT_UTF8 = "caption not UTF-8"
 CAPTION_TOO_LONG = "caption too long"
 BAD_METADATA_ROW = "unreadable metadata row"
+# Tar shards
+UNREADABLE_SHARD = "unreadable shard"
 
 
 class Rejected(Exception):
@@ -56,28 +58,33 @@ class QuarantineEntry:
 
 
 class Quarantine:
-    """Collects bad entries; with a path, appends each new one to quarantine.jsonl as it is met.
+    """Collects bad entries, each (file, reason) once; with a path, appends each to quarantine.jsonl as it is met.
 
-    Entries already in an existing file (a resumed run) are not written twice. Pass `path=None` on every
-    process but the main one: the counts stay the same there, and only one process writes.
+    A streamed source meets the same bad member every epoch: it is counted and written once. Entries already in
+    an existing file (a resumed run) are not written twice. Pass `path=None` on every process but the main one:
+    the counts stay the same there, and only one process writes.
     """
 
     def __init__(self, path: Path | None = None):
         self.path = path
         self.entries: list[QuarantineEntry] = []
-        self._seen: set[tuple[str, str]] = set()
+        self._met: set[tuple[str, str]] = set()
+        self._written: set[tuple[str, str]] = set()
         if path is not None and path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     record = json.loads(line)
-                    self._seen.add((record["file"], record["reason"]))
+                    self._written.add((record["file"], record["reason"]))
 
     def add(self, file: str, reason: str, detail: str = "") -> None:
+        if (file, reason) in self._met:
+            return
+        self._met.add((file, reason))
         entry = QuarantineEntry(file, reason, detail)
         self.entries.append(entry)
-        if self.path is None or (file, reason) in self._seen:
+        if self.path is None or (file, reason) in self._written:
             return
-        self._seen.add((file, reason))
+        self._written.add((file, reason))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(entry.to_json() + "\n")
@@ -94,7 +101,8 @@ class ScanReport:
     kept: int
     skipped: Counter[str] = field(default_factory=Counter)
     quarantine_path: Path | None = None
-    streamed: bool = False
+    # Set for a streamed source: its entries are checked as they are met, so at start only the shards are known.
+    shards: int | None = None
 
     @property
     def total(self) -> int:
@@ -106,13 +114,13 @@ class ScanReport:
 
     def summary(self) -> str:
         """The one line printed at start: "data: 97 images, 6 skipped (2 truncated image, ...); see ..."."""
+        if self.shards is not None:
+            where = f" to {self.quarantine_path}" if self.quarantine_path is not None else ""
+            return f"data: {self.shards} tar shards, streamed; bad members go{where} as they are met"
         bad = sum(self.skipped.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         where = f"; see {self.quarantine_path}" if bad and self.quarantine_path is not None else ""
-        line = f"data: {self.kept} images, {bad} skipped" + (f" ({reasons})" if bad else "") + where
-        if self.streamed:
-            line += "; streamed: bad members are quarantined as they are met"
-        return line
+        return f"data: {self.kept} images, {bad} skipped" + (f" ({reasons})" if bad else "") + where
 
     def check(self, max_bad_fraction: float) -> None:
         """Stop, with a clear message, when too much of the data is bad: it is then likely the wrong data."""
