@@ -25,10 +25,6 @@ class ImageCaptionDataset(Dataset):
         self.samples, self.resolution, self.crop = samples, resolution, crop
         self.random_flip, self.seed, self.shapes = random_flip, seed, shapes
 
-    @property
-    def captions(self) -> list[str]:
-        return [sample.caption for sample in self.samples]
-
     def __len__(self) -> int:
         return len(self.samples)
 
