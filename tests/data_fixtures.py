@@ -71,13 +71,26 @@ def _write_bad_images(root: Path, outside: Path) -> dict[str, str]:
         "text.png": (b"this is not an image, only text named like one\n", "not an image"),
         "bomb.png": (bomb_png(), "decompression bomb"),
         "tiny.png": (image_bytes((8, 8), 102), "image too small"),
+        "corrupt.png": (_corrupted(image_bytes((48, 48), 104)), "unreadable image"),
     }
     for name, (data, _) in files.items():
         (root / name).write_bytes(data)
     (root / "link_out.png").symlink_to(outside)
+    (root / "linked_folder").symlink_to(outside.parent / "outside_folder")
+    (root / "looped").mkdir()
+    (root / "looped" / "back").symlink_to(root)  # a cycle, which the listing must not follow twice
     bad = {name: reason for name, (_, reason) in files.items()}
     bad["link_out.png"] = "escapes dataset root"
     return bad
+
+
+def _corrupted(png: bytes) -> bytes:
+    """A complete PNG whose compressed pixel data is scrambled."""
+    data = bytearray(png)
+    start = data.index(b"IDAT") + 8
+    for i in range(start, start + 40):
+        data[i] ^= 0x5A
+    return bytes(data)
 
 
 def planted_folder(base: Path, layout: Literal["metadata", "sidecar"] = "metadata") -> PlantedFolder:
@@ -86,8 +99,12 @@ def planted_folder(base: Path, layout: Literal["metadata", "sidecar"] = "metadat
     root, outside = base / f"{layout}_data", base / "outside.png"
     root.mkdir(parents=True)
     outside.write_bytes(image_bytes((48, 48), 103))
+    (base / "outside_folder").mkdir()
+    (base / "outside_folder" / "elsewhere.png").write_bytes(image_bytes((48, 48), 105))
     folder = PlantedFolder(root, good_images(root))
     folder.bad = _write_bad_images(root, outside)
+    if layout == "sidecar":
+        folder.bad["linked_folder/"] = "escapes dataset root"
     captions: dict[str, str | bytes | None] = {**folder.good, **{name: "a bad file" for name in folder.bad}}
     bad_captions = {"no_caption.png": (None, "missing caption"), "blank_caption.png": ("  \n", "empty caption"),
                     "long_caption.png": ("word " * 300, "caption too long")}

@@ -19,6 +19,7 @@ from t2i.data.quarantine import (
     MISSING_IMAGE,
     NOT_A_FILE,
     TOO_SMALL,
+    UNREADABLE,
     Quarantine,
     Rejected,
 )
@@ -50,12 +51,16 @@ def check_caption(caption: str | None, max_length: int) -> str:
 
 def load_rgb(image: ImageSource) -> Image.Image:
     """Decode and convert to 8-bit RGB; `Rejected` with the reason when the image is bad."""
-    data = read_image_source(image)
-    if isinstance(data, Path):
-        if not data.exists():
-            raise Rejected(MISSING_FILE)
-        if not data.is_file():
-            raise Rejected(NOT_A_FILE)
+    try:
+        data = read_image_source(image)
+        if isinstance(data, Path):
+            if not data.exists():
+                raise Rejected(MISSING_FILE)
+            if not data.is_file():
+                raise Rejected(NOT_A_FILE)
+            data = data.read_bytes()
+    except OSError as error:  # no permission, an I/O error, a file gone from a table's cache
+        raise Rejected(UNREADABLE, str(error)) from None
     return to_rgb8(decode_image(data))
 
 

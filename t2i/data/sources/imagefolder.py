@@ -102,9 +102,24 @@ def _csv_entries(root: Path, caption_column: str) -> list[Entry]:
 
 
 def _sidecar_entries(root: Path) -> list[Entry]:
+    """Every image under root, hidden files and folders aside. Symlinked folders are followed while they stay
+    inside the root (each real folder once); one that points out is quarantined."""
     entries = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+    visited = {root.resolve()}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            path = Path(folder) / name
+            if name.startswith(".") or path.resolve() in visited:
+                continue
+            try:
+                resolve_inside(root, path.relative_to(root).as_posix())
+            except Rejected as problem:
+                entries.append(Entry(path.relative_to(root).as_posix() + "/", None, None, problem))
+                continue
+            visited.add(path.resolve())
+            kept.append(name)
+        subfolders[:] = kept
         for file in files:
             path = Path(folder) / file
             if file.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
