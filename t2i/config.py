@@ -16,8 +16,25 @@ Stage = Literal["vae", "clip", "unet"]
 
 
 @dataclass(frozen=True)
+class BucketConfig:
+    """Aspect-ratio buckets (as sd-scripts): every batch one shape, shapes of about resolution² pixels."""
+
+    enabled: bool = False
+    # Bucket sides are multiples of this; it should be a multiple of the VAE's latent factor.
+    step: int = 8
+    # The widest bucket is at most this many times wider than tall (and the tallest likewise).
+    max_aspect_ratio: float = 2.0
+
+    def __post_init__(self):
+        _check(self.step >= 1, "data.buckets.step must be at least 1")
+        _check(self.max_aspect_ratio >= 1.0, "data.buckets.max_aspect_ratio must be at least 1")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["shapes"] = "shapes"
+    """Where training images come from: the procedural `shapes` set, or the user's captioned images."""
+
+    dataset: Literal["shapes", "imagefolder", "datasets", "webdataset"] = "shapes"
     size: int = 20_000
     resolution: int = 32
     seed: int = 0
@@ -30,19 +47,57 @@ class DataConfig:
     # Which attributes a partial caption may leave unsaid (see t2i.data.shapes.partial_caption).
     partial_caption_omits: tuple[Literal["size", "colour", "shape"], ...] = ("size", "colour", "shape")
 
+    # The user's images (every dataset but shapes). imagefolder: a folder with metadata.jsonl or metadata.csv
+    # (`file_name` + caption column), else sidecar captions (x.png + x.txt). datasets: a save_to_disk folder,
+    # a data file, or a hub name. webdataset: a folder of .tar shards (key.jpg + key.txt), streamed.
+    path: str | None = None
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Which split of a `datasets` DatasetDict to train on.
+    split: str = "train"
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = False
+    # Images whose shorter side is below this are skipped; None: half the resolution (more upscaling blurs).
+    min_image_size: int | None = None
+    max_caption_length: int = 1000
+    # Stop before training when more than this fraction of the entries is bad.
+    max_bad_fraction: float = 0.05
+    # Entries held out for validation, chosen by a hash of their name (stable as files are added).
+    validation_fraction: float = 0.0
+    # webdataset: samples mixed in memory at once when shuffling the stream.
+    shuffle_buffer: int = 1000
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+
     def __post_init__(self):
         _check(self.size >= 1, "data.size must be at least 1")
-        _check(self.resolution in (32, 64), "data.resolution must be 32 or 64 for the shapes dataset")
+        if self.dataset == "shapes":
+            _check(self.resolution in (32, 64), "data.resolution must be 32 or 64 for the shapes dataset")
+            _check(not self.buckets.enabled, "data.buckets apply to user images, not the shapes dataset")
+        else:
+            _check(self.path is not None, f"data.dataset '{self.dataset}' needs data.path")
+            _check(self.resolution >= 8 and self.resolution % 8 == 0,
+                   "data.resolution must be a positive multiple of 8")
         _check(0.0 <= self.two_object_fraction <= 1.0, "data.two_object_fraction must lie in [0, 1]")
         _check(0.0 <= self.paraphrase_prob <= 1.0, "data.paraphrase_prob must lie in [0, 1]")
         _check(0.0 <= self.partial_caption_prob <= 1.0, "data.partial_caption_prob must lie in [0, 1]")
         _check(len(self.partial_caption_omits) > 0, "data.partial_caption_omits must name at least one attribute")
         for pair in self.held_out:
             _check(len(pair.split()) == 2, f"data.held_out entries look like 'green triangle'; got {pair!r}")
+        _check(self.min_image_size is None or self.min_image_size >= 1, "data.min_image_size must be at least 1")
+        _check(self.max_caption_length >= 1, "data.max_caption_length must be at least 1")
+        _check(0.0 <= self.max_bad_fraction <= 1.0, "data.max_bad_fraction must lie in [0, 1]")
+        _check(0.0 <= self.validation_fraction < 1.0, "data.validation_fraction must lie in [0, 1)")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer must be at least 1")
+        _check(self.dataset != "webdataset" or not self.buckets.enabled,
+               "data.buckets need the image sizes up front; a streamed webdataset cannot use them")
 
     @property
     def held_out_pairs(self) -> tuple[tuple[str, str], ...]:
         return tuple(tuple(pair.split()) for pair in self.held_out)  # type: ignore[misc]
+
+    @property
+    def smallest_image_side(self) -> int:
+        return self.min_image_size if self.min_image_size is not None else self.resolution // 2
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""User data sources through `build_datasets`: what is kept, what is quarantined and why, and determinism."""
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from t2i.config import DataConfig, load_config
+from t2i.data.build import build_datasets
+from t2i.errors import ConfigError, T2IError
+
+from conftest import REPO
+from data_fixtures import clean_folder, planted_folder
+
+
+def data_config(path, **options) -> DataConfig:
+    return DataConfig(dataset="imagefolder", path=str(path), **options)
+
+
+def quarantined(run_dir) -> dict[str, str]:
+    lines = (run_dir / "quarantine.jsonl").read_text().splitlines()
+    return {record["file"]: record["reason"] for record in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("layout", ["metadata", "sidecar"])
+def test_quarantine_lists_exactly_the_planted_bad_files(tmp_path, capsys, layout):
+    folder = planted_folder(tmp_path, layout)
+    train, validation, report = build_datasets(data_config(folder.root, max_bad_fraction=1.0), tmp_path / "run")
+    assert quarantined(tmp_path / "run") == folder.bad
+    assert {sample.name: sample.caption for sample in train.samples} == folder.good
+    assert validation is None
+    assert report.kept == len(folder.good) and sum(report.skipped.values()) == len(folder.bad)
+    assert report.skipped["truncated image"] == 2
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"data: {len(folder.good)} images, {len(folder.bad)} skipped (")
+    assert "2 truncated image" in line and "quarantine.jsonl" in line
+
+
+def test_items_look_like_shapes_items(tmp_path):
+    folder = clean_folder(tmp_path, count=4)
+    train, _, _ = build_datasets(data_config(folder.root, resolution=16))
+    item = train[0]
+    assert item["pixel_values"].shape == (3, 16, 16) and item["pixel_values"].dtype == torch.float32
+    assert -1.0 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1.0
+    assert item["caption"] == folder.good[train.samples[0].name]
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv", "sidecar"])
+def test_each_caption_layout_reads_every_image(tmp_path, metadata):
+    folder = clean_folder(tmp_path, count=6, metadata=metadata, caption_column="caption")
+    options = {} if metadata == "sidecar" else {"caption_column": "caption"}
+    train, _, report = build_datasets(data_config(folder.root, **options), tmp_path / "run")
+    assert {s.name: s.caption for s in train.samples} == folder.good
+    assert report.skipped == {} and not (tmp_path / "run" / "quarantine.jsonl").exists()
+    assert [s.name for s in train.samples] == sorted(folder.good)
+
+
+def test_structural_problems_stop_with_one_line(tmp_path):
+    folder = clean_folder(tmp_path, count=3, metadata="csv")
+    with pytest.raises(T2IError, match="has no 'caption' column \\(it has file_name, text\\)"):
+        build_datasets(data_config(folder.root, caption_column="caption"))
+    (folder.root / "metadata.jsonl").write_text("")
+    with pytest.raises(T2IError, match="holds both metadata.jsonl and metadata.csv"):
+        build_datasets(data_config(folder.root))
+    with pytest.raises(T2IError, match="is not a folder"):
+        build_datasets(data_config(tmp_path / "nowhere"))
+
+
+def test_too_many_bad_files_stop_the_run_after_writing_the_quarantine(tmp_path):
+    folder = planted_folder(tmp_path)
+    with pytest.raises(T2IError, match=r"14 of 34 entries are bad .*more than data.max_bad_fraction = 0.05"):
+        build_datasets(data_config(folder.root), tmp_path / "run")
+    assert quarantined(tmp_path / "run") == folder.bad
+    build_datasets(data_config(folder.root, max_bad_fraction=0.45))
+
+
+def test_every_rank_keeps_the_same_entries_and_only_the_main_one_writes(tmp_path):
+    folder = planted_folder(tmp_path)
+    config = data_config(folder.root, max_bad_fraction=1.0)
+    main, _, main_report = build_datasets(config, tmp_path / "run")
+    other, _, other_report = build_datasets(config, tmp_path / "run", main_process=False)
+    assert [s.name for s in main.samples] == [s.name for s in other.samples]
+    assert main_report.skipped == other_report.skipped
+    assert len((tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()) == len(folder.bad)
+
+
+def test_two_builds_give_the_same_pixels_crops_and_flips(tmp_path):
+    folder = clean_folder(tmp_path, count=6)
+    config = data_config(folder.root, resolution=24, crop="random", random_flip=True, seed=3)
+    first, _, _ = build_datasets(config)
+    second, _, _ = build_datasets(config)
+    for key in [0, 5, (2, 0), (2, 7)]:
+        assert torch.equal(first[key]["pixel_values"], second[key]["pixel_values"])
+    across_epochs = {first[(4, epoch)]["pixel_values"].numpy().tobytes() for epoch in range(8)}
+    assert len(across_epochs) > 1  # augmentation changes with the epoch
+    reseeded, _, _ = build_datasets(replace(config, seed=4))
+    assert not all(torch.equal(first[(i, 0)]["pixel_values"], reseeded[(i, 0)]["pixel_values"]) for i in range(6))
+
+
+def test_validation_split_is_stable_and_disjoint(tmp_path):
+    folder = clean_folder(tmp_path, count=20)
+    train, validation, _ = build_datasets(data_config(folder.root, validation_fraction=0.2))
+    train_names = {s.name for s in train.samples}
+    validation_names = {s.name for s in validation.samples}
+    assert len(validation_names) == 4 and not train_names & validation_names
+    assert train_names | validation_names == set(folder.good)
+    again, validation_again, _ = build_datasets(data_config(folder.root, validation_fraction=0.2, seed=9))
+    assert {s.name for s in validation_again.samples} == validation_names
+    assert validation[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_config_keys(tmp_path):
+    demo = load_config(REPO / "configs" / "demo.yaml")
+    assert demo.data.dataset == "shapes" and demo.data.path is None and not demo.data.buckets.enabled
+    config = load_config(REPO / "configs" / "tiny.yaml", [
+        "data.dataset=imagefolder", f"data.path={tmp_path}", "data.resolution=48", "data.crop=random",
+        "data.buckets.enabled=true", "data.validation_fraction=0.1"])
+    assert config.data.resolution == 48 and config.data.buckets.enabled and config.data.smallest_image_side == 24
+    with pytest.raises(ConfigError, match="data.dataset 'imagefolder' needs data.path"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.dataset=imagefolder"])
+    with pytest.raises(ConfigError, match="data.resolution must be a positive multiple of 8"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.dataset=imagefolder", "data.path=x", "data.resolution=50"])
+    with pytest.raises(ConfigError, match="'data.crop' must be one of 'center', 'random'"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.crop=left"])
+    with pytest.raises(ConfigError, match="data.max_bad_fraction must lie in"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.max_bad_fraction=2"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.buckets.enable'"):
+        load_config(REPO / "configs" / "tiny.yaml", ["data.buckets.enable=true"])
+
+
+def test_shapes_come_through_the_same_entry_point():
+    train, validation, report = build_datasets(DataConfig(size=8))
+    assert len(train) == 8 and validation is None and report.kept == 8
+    assert train[0]["pixel_values"].shape == (3, 32, 32)
+
+
+def test_a_datasets_folder_with_its_own_column_names(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")  # load_dataset caches here
+    folder = clean_folder(tmp_path, count=5)
+    names = sorted(folder.good)
+    pictures = [{"bytes": (folder.root / name).read_bytes(), "path": None} for name in names]
+    pictures[1] = {"bytes": b"", "path": None}
+    captions = [folder.good[name] for name in names]
+    captions[3] = None
+    table = datasets.Dataset.from_dict({"picture": pictures, "words": captions},
+                                       features=datasets.Features({"picture": datasets.Image(),
+                                                                   "words": datasets.Value("string")}))
+    table.save_to_disk(str(tmp_path / "saved"))
+    config = DataConfig(dataset="datasets", path=str(tmp_path / "saved"), image_column="picture",
+                        caption_column="words", max_bad_fraction=0.5)
+    train, _, report = build_datasets(config, tmp_path / "run")
+    assert quarantined(tmp_path / "run") == {"train[1]": "zero-byte file", "train[3]": "missing caption"}
+    assert [s.caption for s in train.samples] == [captions[i] for i in (0, 2, 4)]
+    assert train[1]["pixel_values"].shape == (3, 32, 32)
+    table.to_parquet(str(tmp_path / "table.parquet"))
+    from_file, _, _ = build_datasets(replace(config, path=str(tmp_path / "table.parquet")))
+    assert torch.equal(from_file[2]["pixel_values"], train[2]["pixel_values"])
+    with pytest.raises(T2IError, match="has no column 'image'"):
+        build_datasets(replace(config, image_column="image"))
