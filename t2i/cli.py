@@ -6,6 +6,7 @@ without loading torch or diffusers; each command imports what it uses.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -51,6 +52,44 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume-weights-only", action="store_true",
                        help="like --resume, but take only the weights from the checkpoints and start the optimizer "
                             "afresh (for checkpoints written by an older t2i, or whose optimizer state is damaged)")
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a pretrained pipeline on your captioned images (full or LoRA)",
+        description="Continue training the U-Net of MODEL (a t2i pipeline folder, a diffusers Stable Diffusion "
+                    "folder, or a hub id when online) on DATA: an image folder (metadata.jsonl / metadata.csv with "
+                    "file_name and a caption column, or x.png + x.txt captions), a `datasets` table (save_to_disk "
+                    "folder, parquet/csv/json file, or hub name) or a folder of webdataset .tar shards. Bad files "
+                    "are skipped and listed in OUT/quarantine.jsonl. The result goes to OUT/pipeline; LoRA "
+                    "adapters also to OUT/finetune/final/lora in diffusers' layout.")
+    finetune.add_argument("--model", required=True, help="the pipeline to start from")
+    finetune.add_argument("--data", required=True, help="the captioned images (kind detected from what is there)")
+    finetune.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics, pipeline")
+    finetune.add_argument("--max-steps", type=int, help="optimiser steps (default: the config's, 200)")
+    finetune.add_argument("--resolution", type=int, help="training image size in pixels (default: 32)")
+    finetune.add_argument("--batch-size", type=int, help="images per step and process (default: 8)")
+    finetune.add_argument("--lr", type=float, help="learning rate (default: 1e-4)")
+    finetune.add_argument("--lora-rank", type=int,
+                          help="train LoRA adapters of this rank on the attention projections; 0 trains the whole "
+                               "U-Net (default: 0)")
+    finetune.add_argument("--validation-prompts", type=Path,
+                          help="a text file, one prompt a line, rendered into OUT/finetune/samples every "
+                               "sample_every steps (default: captions from the data)")
+    finetune.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 100)")
+    finetune.add_argument("--image-column", help="a `datasets` table's image column (default: image)")
+    finetune.add_argument("--caption-column", help="the caption column (default: text)")
+    finetune.add_argument("--allow-pickle", action="store_true",
+                          help="load the model's pickle weight files (.bin, .ckpt), which can run code; by default "
+                               "only safetensors are read")
+    finetune.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                          help="where to train (default: auto)")
+    finetune.add_argument("--config", type=Path, default=None,
+                          help="a run config to start from instead of the packaged configs/finetune.yaml")
+    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override any config value, e.g. --set finetune.lora.alpha=8 (repeatable; applied "
+                               "after the options above)")
+    finetune.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    finetune.add_argument("--resume-weights-only", action="store_true",
+                          help="like --resume, with a fresh optimizer (for an older or damaged checkpoint)")
 
     generate = commands.add_parser(
         "generate", help="generate images from a prompt with a saved pipeline",
@@ -108,6 +147,35 @@ def _train(args) -> None:
     print(f"pipeline saved to {pipeline}")
 
 
+def _finetune_overrides(args) -> list[str]:
+    """The command's options as config overrides; explicit `--set` values come last and win."""
+    from t2i.data.build import detect_source
+
+    options = {"finetune.model": args.model, "data.path": args.data, "data.dataset": detect_source(args.data),
+               "run_dir": str(args.out), "device": args.device, "train.finetune.steps": args.max_steps,
+               "data.resolution": args.resolution, "train.finetune.batch_size": args.batch_size,
+               "train.finetune.learning_rate": args.lr, "finetune.lora.rank": args.lora_rank,
+               "train.finetune.checkpoint_every": args.checkpoint_every, "data.image_column": args.image_column,
+               "data.caption_column": args.caption_column, "finetune.allow_pickle": args.allow_pickle or None}
+    if args.validation_prompts is not None:
+        if not args.validation_prompts.is_file():
+            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' does not exist")
+        prompts = [line.strip() for line in args.validation_prompts.read_text().splitlines() if line.strip()]
+        options["finetune.validation_prompts"] = json.dumps(prompts)
+    return [f"{key}={value}" for key, value in options.items() if value is not None] + args.overrides
+
+
+def _finetune(args) -> None:
+    from t2i.config import PACKAGED_CONFIGS, load_config
+
+    config = load_config(args.config or PACKAGED_CONFIGS / "finetune.yaml", _finetune_overrides(args))
+    with _run_folder_held(Path(config.run_dir)):
+        from t2i.training.run import run_training
+
+        pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
+    print(f"pipeline saved to {pipeline}")
+
+
 def _generate(args) -> None:
     from t2i import Text2ImagePipeline
 
@@ -137,7 +205,8 @@ def _quiet_libraries() -> None:
 
 
 _CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",
-             "train": "rerun the same `t2i train` command with --resume to continue"}
+             "train": "rerun the same `t2i train` command with --resume to continue",
+             "finetune": "rerun the same `t2i finetune` command with --resume to continue"}
 
 
 def _stop_now(signum: int, frame) -> None:
@@ -154,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
     previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
-        {"demo": _demo, "train": _train, "generate": _generate}[args.command](args)
+        {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate}[args.command](args)
     except TrainingInterrupted as stopped:
         print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
         return stopped.exit_code

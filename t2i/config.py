@@ -10,9 +10,12 @@ from typing import Literal
 
 from t2i.config_io import apply_overrides, from_dict, read_yaml
 
+# The run configs shipped as package data: present after a plain `pip install .`, whatever the working folder.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
 Device = Literal["auto", "cpu", "cuda"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
-Stage = Literal["vae", "clip", "unet"]
+Stage = Literal["vae", "clip", "unet", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -187,10 +190,14 @@ class DiffusionConfig:
     caption_dropout: float = 0.1
     # Min-SNR-gamma loss weighting (Hang et al. 2023); None weighs every timestep equally.
     min_snr_gamma: float | None = None
+    # Offset noise (Guttenberg 2023): add this times a per-channel constant to the noise, so that the model
+    # learns to change an image's mean brightness. 0 is plain DDPM noise.
+    noise_offset: float = 0.0
 
     def __post_init__(self):
         _check(0.0 <= self.caption_dropout < 1.0, "diffusion.caption_dropout must lie in [0, 1)")
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be at least 2")
+        _check(self.noise_offset >= 0.0, "diffusion.noise_offset must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,41 @@ class StageTrainConfigs:
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, learning_rate=4e-3))
     clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=128, learning_rate=2e-3))
     unet: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, batch_size=4, learning_rate=1e-4))
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (Hu et al. 2021) through peft on the U-Net's attention projections; rank 0 trains the
+    whole U-Net instead."""
+
+    rank: int = 0
+    alpha: float | None = None  # None: alpha = rank, a scale of 1
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        _check(self.rank >= 0, "finetune.lora.rank must be >= 0 (0: full fine-tune)")
+        _check(self.alpha is None or self.alpha > 0, "finetune.lora.alpha must be positive")
+        _check(len(self.target_modules) > 0, "finetune.lora.target_modules must name at least one module")
+        _check(0.0 <= self.dropout < 1.0, "finetune.lora.dropout must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage finetune: continue training a pretrained pipeline's U-Net (fully, or through LoRA) on `data`."""
+
+    # A t2i pipeline folder, a diffusers-format Stable Diffusion folder, or a hub id when online.
+    model: str | None = None
+    # Load pickle weight files (.bin, .ckpt) of the model, which can run code; safetensors only by default.
+    allow_pickle: bool = False
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Recompute activations in the backward pass: less memory, about a third more time.
+    gradient_checkpointing: bool = False
+    # Rendered into a grid every `train.finetune.sample_every` steps; empty: captions from the data.
+    validation_prompts: tuple[str, ...] = ()
+    # Held-out validation batches scored every `train.finetune.sample_every` steps (with `data.validation_fraction`).
+    validation_batches: int = 4
 
 
 @dataclass(frozen=True)
@@ -266,9 +308,14 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: StageTrainConfigs = field(default_factory=StageTrainConfigs)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self):
         _check(self.local_processes >= 1, "local_processes must be at least 1")
+        if "finetune" in self.stages:
+            _check(self.finetune.model is not None, "stage 'finetune' needs finetune.model: a pipeline folder to "
+                                                    "start from")
+            _check(self.stages == ("finetune",), "stage 'finetune' runs alone: stages: [finetune]")
         if "clip" in self.stages:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "

@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from t2i.config import load_config
+from t2i.config import PACKAGED_CONFIGS, load_config
 from t2i.data.shapes import prompt_suite
 from t2i.eval.evaluate import evaluate
 from t2i.eval.report import write_report
@@ -19,13 +19,12 @@ from t2i.pipeline.pipeline import resolve_device
 from t2i.training import run_lock
 from t2i.training.run import run_training
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # The targets for the CPU demo: fully-correct fractions and a wall-time budget.
 TARGETS = {"seen": 0.60, "held_out": 0.40, "colour": 0.90, "seconds": 600.0}
 
 
 def default_config(device: str) -> Path:
-    return CONFIGS / ("demo_gpu.yaml" if resolve_device(device).type == "cuda" else "demo.yaml")
+    return PACKAGED_CONFIGS / ("demo_gpu.yaml" if resolve_device(device).type == "cuda" else "demo.yaml")
 
 
 def run_demo(out: Path, device: str = "auto", config_path: Path | None = None,

@@ -161,10 +161,11 @@ def test_unet_stage_trains_with_every_schedule_and_parameterisation(trained_run,
 
 
 def test_scaled_latents_have_unit_variance(trained_run):
-    from t2i.training.run import build_dataset, load_vae
+    from t2i.data.build import build_datasets
+    from t2i.training.run import load_vae
 
     vae = load_vae(trained_run)
-    dataset = build_dataset(tiny_config(trained_run))
+    dataset, _, _ = build_datasets(tiny_config(trained_run).data)
     images = torch.stack([dataset[i]["pixel_values"] for i in range(256)])
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(1))

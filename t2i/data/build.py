@@ -30,6 +30,17 @@ from t2i.data.split import split_validation
 Datasets = tuple[Dataset, Dataset | None, ScanReport]
 
 
+def detect_source(path: str) -> str:
+    """The `data.dataset` kind that fits what is at `path`: .tar shards, a `datasets` table (a save_to_disk
+    folder or a data file), or an image folder; a name that is nothing on disk is taken for a hub dataset."""
+    location = Path(path)
+    if location.suffix == ".tar" or (location.is_dir() and any(location.glob("*.tar"))):
+        return "webdataset"
+    if location.is_file() or (location / "dataset_info.json").is_file() or (location / "dataset_dict.json").is_file():
+        return "datasets"
+    return "imagefolder" if location.is_dir() else "datasets"
+
+
 def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process: bool = True) -> Datasets:
     """(train, validation or None, report) for `config.dataset`.
 

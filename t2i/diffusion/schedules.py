@@ -52,6 +52,18 @@ def alphas_cumprod(schedule: Schedule, num_timesteps: int) -> torch.Tensor:
     return torch.cumprod(1 - betas(schedule, num_timesteps), dim=0)
 
 
+def scheduler_alphas_cumprod(config: dict) -> torch.Tensor:
+    """ᾱ_t of a diffusers scheduler config: t2i's own schedules exactly as above, any other (trained betas, other
+    β ranges) as diffusers computes it."""
+    ours = {name: schedule for schedule, name in DIFFUSERS_BETA_SCHEDULE.items()}.get(config.get("beta_schedule"))
+    if ours is not None and config.get("trained_betas") is None and (
+            ours == "cosine" or (config.get("beta_start"), config.get("beta_end")) == beta_range(ours)):
+        return alphas_cumprod(ours, config["num_train_timesteps"])
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config).alphas_cumprod.to(torch.float64)
+
+
 def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio ᾱ / (1 - ᾱ) of x_t = √ᾱ x_0 + √(1-ᾱ) ε."""
     return alpha_bar / (1 - alpha_bar)

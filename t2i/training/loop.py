@@ -24,12 +24,12 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from diffusers.training_utils import EMAModel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from t2i.atomic import write_folder
 from t2i.config import TrainConfig
-from t2i.data.sampler import ResumableBatchSampler
+from t2i.data.loader import train_batches
 from t2i.errors import T2IError
 from t2i.pipeline.pipeline import NonFiniteSample
 from t2i.training.checkpoint import (
@@ -55,8 +55,9 @@ class Stage(Protocol):
     def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         """The loss to minimise and float metrics to log, for one micro-batch."""
 
-    def sample(self, model: torch.nn.Module, path: Path) -> None:
-        """Write a sample grid to `path` (called with the EMA weights, when EMA is on)."""
+    def sample(self, model: torch.nn.Module, path: Path) -> dict | None:
+        """Write a sample grid to `path` (called with the EMA weights, when EMA is on); return metrics to log
+        (a held-out validation loss, say), or None."""
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:
         """Export the finished model (EMA weights, when EMA is on) in its loadable format."""
@@ -107,14 +108,16 @@ class TrainLoop:
         self.stage, self.dataset, self.config, self.run_dir = stage, dataset, config, run_dir
         self.resolved_config, self.stop = resolved_config, stop
         self.accelerator = make_accelerator(device, config.mixed_precision)
-        trainable = [p for p in stage.model.parameters() if p.requires_grad]
+        # The optimiser, EMA and checks see only these: frozen weights (a LoRA run's base U-Net) are left alone.
+        self.trainable = [(name, p) for name, p in stage.model.named_parameters() if p.requires_grad]
+        trainable = [p for _, p in self.trainable]
         # The fused kernel does the whole update in one pass: 10% of a demo U-Net step on a 2-core CPU.
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
                                       weight_decay=config.weight_decay, fused=device.type in ("cpu", "cuda"))
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
         self.stage_loss, self.optimizer = self.accelerator.prepare(_StageLoss(stage), optimizer)
         self.model = self.accelerator.unwrap_model(self.stage_loss).model  # the bare network
-        self.ema = EMAModel(self.model.parameters(), decay=config.ema_decay) if config.ema_decay else None
+        self.ema = EMAModel(trainable, decay=config.ema_decay) if config.ema_decay else None
         self.state = TrainingState(step=0, micro_batches=0)
         self.saved_step: int | None = None  # the step of the latest checkpoint, known alike to every process
         self.metrics_file = run_dir / "metrics.jsonl"
@@ -128,16 +131,14 @@ class TrainLoop:
                                                   weights_only=weights_only)
         self.saved_step = self.state.step
         if self.ema is not None and ema_weights is not None:
-            _load_ema(self.ema, self.model, ema_weights, self.state.step - self.state.skipped_steps)
+            _load_ema(self.ema, self.trainable, ema_weights, self.state.step - self.state.skipped_steps)
         how = "weights only, fresh optimizer" if weights_only else "exact"
         self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.step} ({how})")
 
     def run(self) -> torch.nn.Module:
         config, accelerator = self.config, self.accelerator
-        sampler = ResumableBatchSampler(len(self.dataset), config.batch_size, seed=config.seed,
-                                        start_batch=self.state.micro_batches, rank=accelerator.process_index,
-                                        world_size=accelerator.num_processes)
-        self.batches = iter(DataLoader(self.dataset, batch_sampler=sampler))
+        self.batches = train_batches(self.dataset, config.batch_size, config.seed, self.state.micro_batches,
+                                     accelerator.process_index, accelerator.num_processes)
         if self.is_main:
             _drop_metrics_after(self.metrics_file, self.state.step)  # logged by a run killed after its checkpoint
         tensorboard = _tensorboard_writer(self.run_dir) if self.is_main else None
@@ -151,7 +152,7 @@ class TrainLoop:
                 progress.update(1)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
                 self._log(logged, started, tensorboard)
-                self._sample_if_due()
+                self._log_extra(self._sample_if_due(), tensorboard)
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
                 if stop_signal:
@@ -201,16 +202,19 @@ class TrainLoop:
         else:
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.step(self.model.parameters())
+                self.ema.step(self._parameters())
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         return logged, stop_signal
 
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable]
+
     def _grad_norm(self) -> float:
         if self.config.grad_clip is not None:
-            return float(self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            return float(self.accelerator.clip_grad_norm_(self._parameters(), self.config.grad_clip))
+        grads = [p.grad for p in self._parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
     def _agree(self, nonfinite: bool, stop_signal: int) -> tuple[bool, int]:
@@ -252,29 +256,41 @@ class TrainLoop:
             for key, value in logged.items():
                 tensorboard.add_scalar(f"{self.stage.name}/{key}", value, step)
 
-    def _sample_if_due(self) -> None:
+    def _log_extra(self, metrics: dict | None, tensorboard) -> None:
+        """A record of its own for what `stage.sample` measured, such as a held-out validation loss."""
+        if not metrics or not self.is_main:
+            return
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(_finite_or_none({"step": self.state.step, **metrics}), allow_nan=False) + "\n")
+        if tensorboard is not None:
+            for key, value in metrics.items():
+                tensorboard.add_scalar(f"{self.stage.name}/{key}", value, self.state.step)
+
+    def _sample_if_due(self) -> dict | None:
         every = self.config.sample_every
-        if every and self.state.step % every == 0 and self.is_main:
-            try:
-                with _ema_applied(self.ema, self.model):
-                    self.stage.sample(self.model, self.run_dir / "samples" / f"step_{self.state.step:07d}.png")
-            except NonFiniteSample as error:
-                raise DivergenceError(f"[{self.stage.name}] the sample grid at step {self.state.step} is not finite "
-                                      f"({error}); {self._diagnosis()}") from None
-            self.model.train()
+        if not (every and self.state.step % every == 0 and self.is_main):
+            return None
+        try:
+            with _ema_applied(self.ema, self._parameters()):
+                metrics = self.stage.sample(self.model, self.run_dir / "samples" / f"step_{self.state.step:07d}.png")
+        except NonFiniteSample as error:
+            raise DivergenceError(f"[{self.stage.name}] the sample grid at step {self.state.step} is not finite "
+                                  f"({error}); {self._diagnosis()}") from None
+        self.model.train()
+        return metrics
 
     def save_checkpoint(self) -> None:
         """Write a checkpoint of the current step (main process); refuse non-finite weights."""
         if self.is_main:
             self._check_weights_finite()
-            ema_weights = _ema_weights(self.ema, self.model) if self.ema else None
+            ema_weights = _ema_weights(self.ema, self.trainable) if self.ema else None
             save_checkpoint(self.run_dir, self.state, self.model, ema_weights, self.optimizer, self.lr_scheduler,
                             self.resolved_config, self.config.keep_checkpoints)
         self.saved_step = self.state.step
         self.accelerator.wait_for_everyone()
 
     def _check_weights_finite(self) -> None:
-        tensors = list(self.model.parameters()) + (list(self.ema.shadow_params) if self.ema else [])
+        tensors = self._parameters() + (list(self.ema.shadow_params) if self.ema else [])
         if not all(torch.isfinite(t).all() for t in tensors):
             last = latest_checkpoint(self.run_dir)
             raise DivergenceError(f"[{self.stage.name}] the weights are no longer finite at step {self.state.step}; "
@@ -291,7 +307,7 @@ class TrainLoop:
     def finish(self) -> torch.nn.Module:
         """Swap in the EMA weights and export the finished model to `run_dir / FINAL`."""
         if self.ema is not None:
-            self.ema.copy_to(self.model.parameters())
+            self.ema.copy_to(self._parameters())
         self.model.eval()
         if self.is_main:
             self._check_weights_finite()
@@ -337,27 +353,26 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 @contextmanager
-def _ema_applied(ema: EMAModel | None, model: torch.nn.Module):
-    """Temporarily swap the EMA weights into `model` (a no-op without EMA)."""
+def _ema_applied(ema: EMAModel | None, parameters: list[torch.nn.Parameter]):
+    """Temporarily swap the EMA weights into `parameters` (a no-op without EMA)."""
     if ema is None:
         yield
         return
-    ema.store(model.parameters())
-    ema.copy_to(model.parameters())
+    ema.store(parameters)
+    ema.copy_to(parameters)
     try:
         yield
     finally:
-        ema.restore(model.parameters())
+        ema.restore(parameters)
 
 
-def _ema_weights(ema: EMAModel, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    names = [name for name, _ in model.named_parameters()]
-    return dict(zip(names, ema.shadow_params))
+def _ema_weights(ema: EMAModel, trainable: list[tuple[str, torch.nn.Parameter]]) -> dict[str, torch.Tensor]:
+    return {name: shadow for (name, _), shadow in zip(trainable, ema.shadow_params)}
 
 
-def _load_ema(ema: EMAModel, model: torch.nn.Module, weights: dict[str, torch.Tensor], updates: int) -> None:
-    names = [name for name, _ in model.named_parameters()]
-    for name, shadow in zip(names, ema.shadow_params):
+def _load_ema(ema: EMAModel, trainable: list[tuple[str, torch.nn.Parameter]], weights: dict[str, torch.Tensor],
+              updates: int) -> None:
+    for (name, _), shadow in zip(trainable, ema.shadow_params):
         shadow.data.copy_(weights[name])
     ema.optimization_step = updates
 

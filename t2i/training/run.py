@@ -4,8 +4,10 @@
     run_dir/vae/final            AutoencoderKL (diffusers format, measured scaling factor)
     run_dir/clip/final           open_clip text encoder (when trained here)
     run_dir/unet/final           UNet2DConditionModel
+    run_dir/finetune/final       a fine-tuned U-Net (unet/) and its LoRA adapters (lora/, diffusers' layout)
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
+    run_dir/quarantine.jsonl     user images skipped as bad, each with its reason
     run_dir/t2i.lock             while a run is in progress: who holds the folder
 
 One run at a time per folder: the main process holds the folder's lock for every process of the run. A first
@@ -13,7 +15,9 @@ SIGTERM or SIGINT stops the stage in training after its current step, with a che
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,9 +25,12 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.utils.data import Dataset
 
 from t2i.config import RunConfig
 from t2i.config_io import to_dict
+from t2i.data.build import build_datasets
+from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.latents import encode_dataset
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
@@ -32,23 +39,19 @@ from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text
 from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
+from t2i.pipeline.hub import resolve_model
 from t2i.pipeline.pipeline import resolve_device
 from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
 from t2i.training.stages.clip import ClipStage
+from t2i.training.stages.finetune import UNET as FINETUNED_UNET
+from t2i.training.stages.finetune import FinetuneStage
 from t2i.training.stages.unet import UNetStage
 from t2i.training.stages.vae import VAEStage
 
 PREVIEW_PROMPTS = 8
-
-
-def build_dataset(config: RunConfig) -> ShapesDataset:
-    data = config.data
-    return ShapesDataset(size=data.size, resolution=data.resolution, seed=data.seed, held_out=data.held_out_pairs,
-                         two_object_fraction=data.two_object_fraction, paraphrase_prob=data.paraphrase_prob,
-                         partial_caption_prob=data.partial_caption_prob, partial_omits=data.partial_caption_omits)
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
@@ -130,7 +133,8 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
     if processes.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    dataset = build_dataset(config)
+    dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
+    inputs = StageInputs(config, run_dir, dataset, validation, device)
 
     for name in config.stages:
         stage_dir = run_dir / name
@@ -139,33 +143,103 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
             continue
         train_config = getattr(config.train, name)
         torch.manual_seed(train_config.seed)  # the same initial weights on every run
-        stage, stage_data = _build_stage(name, config, run_dir, dataset, device)
+        stage, stage_data = STAGES[name](inputs)
         train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume,
               resume_weights_only=resume_weights_only, stop=stop)
     if processes.is_main_process:
-        assemble_pipeline(config, run_dir)
+        (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
     processes.wait_for_everyone()
     return run_dir / "pipeline"
 
 
-def _build_stage(name: str, config: RunConfig, run_dir: Path, dataset: ShapesDataset, device: torch.device):
-    resolution = config.data.resolution
-    if name == "vae":
-        return VAEStage(build_vae(config.vae, resolution), config.vae, dataset), dataset
-    if name == "clip":
-        text_encoder = OpenClipTextEncoder.from_config(config.text_encoder, resolution)
-        text_encoder.clip.token_embedding.requires_grad_(not config.text_encoder.freeze_token_embedding)
-        return ClipStage(text_encoder), dataset
-    if name == "unet":
-        vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
-        text_encoder = load_text_encoder(config, run_dir)
-        unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
-                          resolution // config.vae.latent_factor)
-        preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
-        stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
-                          device)
-        return stage, (encode_dataset(vae, dataset) if config.cache_latents else dataset)
-    raise ValueError(f"unknown stage {name!r}")
+@dataclass(frozen=True)
+class StageInputs:
+    """What every stage builder may draw on."""
+
+    config: RunConfig
+    run_dir: Path
+    dataset: Dataset
+    validation: Dataset | None
+    device: torch.device
+
+
+def _vae_stage(inputs: StageInputs):
+    config = inputs.config
+    return VAEStage(build_vae(config.vae, config.data.resolution), config.vae, inputs.dataset), inputs.dataset
+
+
+def _clip_stage(inputs: StageInputs):
+    config = inputs.config
+    text_encoder = OpenClipTextEncoder.from_config(config.text_encoder, config.data.resolution)
+    text_encoder.clip.token_embedding.requires_grad_(not config.text_encoder.freeze_token_embedding)
+    return ClipStage(text_encoder), inputs.dataset
+
+
+def _unet_stage(inputs: StageInputs):
+    config, run_dir = inputs.config, inputs.run_dir
+    vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
+    text_encoder = load_text_encoder(config, run_dir)
+    unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
+                      config.data.resolution // config.vae.latent_factor)
+    preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
+    stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
+                      inputs.device)
+    return stage, _latents_or_images(config, vae, inputs.dataset)
+
+
+def _finetune_stage(inputs: StageInputs):
+    config = inputs.config
+    source = load_source_pipeline(config, inputs.device)
+    preview = list(config.finetune.validation_prompts) or _captions(inputs.validation or inputs.dataset)
+    stage = FinetuneStage(source, config.finetune, config.diffusion, preview, inputs.validation,
+                          config.train.finetune.batch_size, inputs.device)
+    return stage, _latents_or_images(config, stage.vae, inputs.dataset)
+
+
+# Stage name -> builder of (stage, the data it trains on); a new stage is one builder and one line here.
+STAGES: dict[str, Callable[[StageInputs], tuple]] = {
+    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "finetune": _finetune_stage}
+
+
+def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) -> Dataset:
+    """The dataset encoded once by the frozen VAE, when `cache_latents` is on and every item is fixed."""
+    if not config.cache_latents:
+        return dataset
+    if not _fixed_items(dataset):
+        print("latents are not cached: random crops, flips, aspect-ratio buckets or a streamed dataset change the "
+              "images from epoch to epoch")
+        return dataset
+    return encode_dataset(vae, dataset)
+
+
+def _fixed_items(dataset: Dataset) -> bool:
+    """Is item i the same image of one size every epoch (so that its latents can be computed once)?"""
+    if isinstance(dataset, ShapesDataset):
+        return True
+    return (isinstance(dataset, ImageCaptionDataset) and dataset.shapes is None and dataset.crop == "center"
+            and not dataset.random_flip)
+
+
+def _captions(dataset: Dataset) -> list[str]:
+    """Preview prompts from the data: the first captions of a map-style dataset (none from a stream)."""
+    if not hasattr(dataset, "__len__"):
+        return []
+    return [dataset[i]["caption"] for i in range(min(PREVIEW_PROMPTS, len(dataset)))]
+
+
+def load_source_pipeline(config: RunConfig, device: torch.device) -> Text2ImagePipeline:
+    """The pretrained pipeline a fine-tune starts from, in fp32 (training keeps fp32 master weights)."""
+    return Text2ImagePipeline.from_pretrained(resolve_model(config.finetune.model), device=device,
+                                              dtype=torch.float32)
+
+
+def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
+    """The source pipeline with the fine-tuned U-Net (adapters merged in), saved to run_dir/pipeline."""
+    source = load_source_pipeline(config, torch.device("cpu"))
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "finetune" / FINAL / FINETUNED_UNET)
+    pipe = Text2ImagePipeline(source.vae, source.text_encoder, unet, source.scheduler_config, source.defaults)
+    pipe.save_pretrained(run_dir / "pipeline")
+    return run_dir / "pipeline"
 
 
 def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:

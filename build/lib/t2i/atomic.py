@@ -1,0 +1,89 @@
+"""Folders written whole: a reader finds the previous version or the new one, never a mix, and never nothing.
+
+A folder is written under a temporary name beside its target, then swapped in. On Linux the swap is one
+`renameat2(RENAME_EXCHANGE)` call, which Python does not expose (hence the thin ctypes wrapper), so the
+target path always holds a complete folder. Elsewhere the old folder is moved aside first, which leaves a
+moment without one.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from t2i.errors import T2IError
+
+STAGING_SUFFIX = ".tmp"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _libc_renameat2():
+    if sys.platform != "linux":
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # not glibc >= 2.28
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+_renameat2 = _libc_renameat2()
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the OS or file system cannot."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
+def replace_folder(staging: Path, target: Path) -> None:
+    """Move the complete folder `staging` to `target`, replacing any folder there."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    if exchange(staging, target):
+        shutil.rmtree(staging)  # now the old folder
+        return
+    aside = target.with_name(target.name + ".old")
+    shutil.rmtree(aside, ignore_errors=True)
+    target.rename(aside)
+    staging.rename(target)
+    shutil.rmtree(aside)
+
+
+@contextmanager
+def write_folder(target: Path, what: str) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without error, it replaces `target` whole.
+
+    A failed write (disk full, no permission) removes the staging folder, leaves `target` as it was and
+    becomes one T2IError line naming `what` was being written.
+    """
+    staging = target.with_name(target.name + STAGING_SUFFIX)
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        yield staging
+        replace_folder(staging, target)
+    except (OSError, SafetensorError) as error:  # safetensors reports its write errors as its own type
+        shutil.rmtree(staging, ignore_errors=True)
+        kept = "the previous one is intact" if target.exists() else "nothing was written there"
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise T2IError(f"could not write {what} '{target}': {reason}; {kept}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

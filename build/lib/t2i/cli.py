@@ -1,0 +1,245 @@
+"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function.
+
+Only the standard library and t2i's plain modules are imported at the top, so that `t2i --help` answers
+without loading torch or diffusers; each command imports what it uses.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from t2i.diffusion.sampler_names import SAMPLER_NAMES
+from t2i.errors import T2IError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i", description="Latent text-to-image diffusion: train and sample.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="generate the shapes dataset, train VAE, CLIP and U-Net, sample, judge and report",
+        description="The main job: with no downloads, train a small text-to-image model on the procedural "
+                    "shapes dataset, save it to OUT/pipeline, render a fixed prompt list (including held-out "
+                    "combinations), judge every image and write OUT/grid.png and OUT/report.html. "
+                    "Re-running with the same OUT resumes.")
+    demo.add_argument("--out", type=Path, default=Path("t2i-demo"),
+                      help="folder for the run, the pipeline, grid.png and report.html (default: t2i-demo)")
+    demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                      help="where to train and sample; cuda trains a larger configuration (default: auto)")
+    demo.add_argument("--config", type=Path, default=None,
+                      help="a run config to use instead of configs/demo.yaml (or demo_gpu.yaml on cuda)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. --set train.unet.steps=500 (repeatable)")
+    demo.add_argument("--resume-weights-only", action="store_true",
+                      help="resume from checkpoints' weights with a fresh optimizer (for checkpoints written by an "
+                           "older t2i, or whose optimizer state is damaged)")
+
+    train = commands.add_parser(
+        "train", help="train the stages of a run config",
+        description="Train the stages listed in CONFIG (vae, clip, unet) and save the pipeline to "
+                    "RUN_DIR/pipeline. Checkpoints, metrics.jsonl and sample grids go to RUN_DIR/<stage>.")
+    train.add_argument("config", type=Path, help="a run config in YAML (see configs/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value with a dotted key, e.g. --set train.unet.lr=1e-4 "
+                            "(the value is read as YAML; repeatable)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in run_dir from its latest checkpoints, skipping finished stages")
+    train.add_argument("--resume-weights-only", action="store_true",
+                       help="like --resume, but take only the weights from the checkpoints and start the optimizer "
+                            "afresh (for checkpoints written by an older t2i, or whose optimizer state is damaged)")
+
+    finetune = commands.add_parser(
+        "finetune", help="fine-tune a pretrained pipeline on your captioned images (full or LoRA)",
+        description="Continue training the U-Net of MODEL (a t2i pipeline folder, a diffusers Stable Diffusion "
+                    "folder, or a hub id when online) on DATA: an image folder (metadata.jsonl / metadata.csv with "
+                    "file_name and a caption column, or x.png + x.txt captions), a `datasets` table (save_to_disk "
+                    "folder, parquet/csv/json file, or hub name) or a folder of webdataset .tar shards. Bad files "
+                    "are skipped and listed in OUT/quarantine.jsonl. The result goes to OUT/pipeline; LoRA "
+                    "adapters also to OUT/finetune/final/lora in diffusers' layout.")
+    finetune.add_argument("--model", required=True, help="the pipeline to start from")
+    finetune.add_argument("--data", required=True, help="the captioned images (kind detected from what is there)")
+    finetune.add_argument("--out", type=Path, required=True, help="run folder: checkpoints, metrics, pipeline")
+    finetune.add_argument("--max-steps", type=int, help="optimiser steps (default: the config's, 200)")
+    finetune.add_argument("--resolution", type=int, help="training image size in pixels (default: 32)")
+    finetune.add_argument("--batch-size", type=int, help="images per step and process (default: 8)")
+    finetune.add_argument("--lr", type=float, help="learning rate (default: 1e-4)")
+    finetune.add_argument("--lora-rank", type=int,
+                          help="train LoRA adapters of this rank on the attention projections; 0 trains the whole "
+                               "U-Net (default: 0)")
+    finetune.add_argument("--validation-prompts", type=Path,
+                          help="a text file, one prompt a line, rendered into OUT/finetune/samples every "
+                               "sample_every steps (default: captions from the data)")
+    finetune.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 100)")
+    finetune.add_argument("--image-column", help="a `datasets` table's image column (default: image)")
+    finetune.add_argument("--caption-column", help="the caption column (default: text)")
+    finetune.add_argument("--allow-pickle", action="store_true",
+                          help="load the model's pickle weight files (.bin, .ckpt), which can run code; by default "
+                               "only safetensors are read")
+    finetune.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                          help="where to train (default: auto)")
+    finetune.add_argument("--config", type=Path, default=None,
+                          help="a run config to start from instead of the packaged configs/finetune.yaml")
+    finetune.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override any config value, e.g. --set finetune.lora.alpha=8 (repeatable; applied "
+                               "after the options above)")
+    finetune.add_argument("--resume", action="store_true", help="continue the run in OUT from its latest checkpoint")
+    finetune.add_argument("--resume-weights-only", action="store_true",
+                          help="like --resume, with a fresh optimizer (for an older or damaged checkpoint)")
+
+    generate = commands.add_parser(
+        "generate", help="generate images from a prompt with a saved pipeline",
+        description="Generate images for PROMPT with a t2i pipeline folder or a diffusers Stable Diffusion "
+                    "folder. Image i uses seed SEED+i.")
+    generate.add_argument("prompt", help="what to draw, e.g. 'a large red circle'")
+    generate.add_argument("--model", type=Path, required=True, help="pipeline folder (t2i or diffusers SD)")
+    generate.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    generate.add_argument("--guidance", type=float, default=None,
+                          help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                          help="sampling method (default: the pipeline's, dpmpp_2m)")
+    generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
+    generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")
+    generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: trained size)")
+    generate.add_argument("--out", type=Path, default=Path("t2i.png"),
+                          help="output PNG; with several images, NAME-0.png, NAME-1.png, ... (default: t2i.png)")
+    generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                          help="where to run (default: auto)")
+    return parser
+
+
+@contextmanager
+def _run_folder_held(run_dir: Path):
+    """Lock the run folder before loading torch, so that a second run into it is refused in a moment.
+
+    Under a launcher (accelerate launch, torchrun) every process runs the command; the training then takes the
+    lock in the main process, for all of them.
+    """
+    from t2i.training import run_lock
+    from t2i.training.launch import is_launched
+
+    with nullcontext() if is_launched() else run_lock.hold(run_dir):
+        yield
+
+
+def _demo(args) -> None:
+    with _run_folder_held(args.out):
+        from t2i.demo import run_demo
+
+        run_demo(args.out, device=args.device, config_path=args.config, overrides=args.overrides,
+                 resume_weights_only=args.resume_weights_only)
+
+
+def _train(args) -> None:
+    from t2i.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    with _run_folder_held(Path(config.run_dir)):
+        from t2i.training.run import run_training
+
+        pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
+    print(f"pipeline saved to {pipeline}")
+
+
+def _finetune_overrides(args) -> list[str]:
+    """The command's options as config overrides; explicit `--set` values come last and win."""
+    from t2i.data.build import detect_source
+
+    options = {"finetune.model": args.model, "data.path": args.data, "data.dataset": detect_source(args.data),
+               "run_dir": str(args.out), "device": args.device, "train.finetune.steps": args.max_steps,
+               "data.resolution": args.resolution, "train.finetune.batch_size": args.batch_size,
+               "train.finetune.learning_rate": args.lr, "finetune.lora.rank": args.lora_rank,
+               "train.finetune.checkpoint_every": args.checkpoint_every, "data.image_column": args.image_column,
+               "data.caption_column": args.caption_column, "finetune.allow_pickle": args.allow_pickle or None}
+    if args.validation_prompts is not None:
+        if not args.validation_prompts.is_file():
+            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' does not exist")
+        prompts = [line.strip() for line in args.validation_prompts.read_text().splitlines() if line.strip()]
+        options["finetune.validation_prompts"] = json.dumps(prompts)
+    return [f"{key}={value}" for key, value in options.items() if value is not None] + args.overrides
+
+
+def _finetune(args) -> None:
+    from t2i.config import PACKAGED_CONFIGS, load_config
+
+    config = load_config(args.config or PACKAGED_CONFIGS / "finetune.yaml", _finetune_overrides(args))
+    with _run_folder_held(Path(config.run_dir)):
+        from t2i.training.run import run_training
+
+        pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
+    print(f"pipeline saved to {pipeline}")
+
+
+def _generate(args) -> None:
+    from t2i import Text2ImagePipeline
+
+    if args.num_images < 1:
+        raise T2IError(f"--num-images must be at least 1; got {args.num_images}")
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device)
+    images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+                  sampler=args.sampler, progress=True)
+    out = args.out if args.out.suffix else args.out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(path)
+
+
+def _quiet_libraries() -> None:
+    """Show t2i's own warnings (e.g. prompt truncation) plainly; keep the libraries' chatter out."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("t2i: warning: %(message)s"))
+    logger = logging.getLogger("t2i")
+    logger.addHandler(handler)
+    logger.propagate = False
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",
+             "train": "rerun the same `t2i train` command with --resume to continue",
+             "finetune": "rerun the same `t2i finetune` command with --resume to continue"}
+
+
+def _stop_now(signum: int, frame) -> None:
+    from t2i.training.interrupt import StopNow
+
+    raise StopNow(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    from t2i.training.interrupt import StopNow, TrainingInterrupted, signal_name
+
+    # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
+    previous = signal.signal(signal.SIGTERM, _stop_now)
+    try:
+        {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate}[args.command](args)
+    except TrainingInterrupted as stopped:
+        print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
+        return stopped.exit_code
+    except T2IError as error:
+        print(f"t2i {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except StopNow as stopped:
+        print(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}", file=sys.stderr)
+        return 128 + stopped.signum
+    except KeyboardInterrupt:
+        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Bad input never breaks a run and never hides: each bad entry is skipped, named in quarantine.jsonl, counted.
+
+    run_dir/quarantine.jsonl    one JSON object per bad entry: {"file": ..., "reason": ...[, "detail": ...]}
+
+The reasons are the fixed strings below, so that reports can count them and tests can match them.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from t2i.errors import T2IError
+
+QUARANTINE_FILE = "quarantine.jsonl"
+
+# Files
+MISSING_FILE = "missing file"
+NOT_A_FILE = "not a regular file"
+ESCAPES_ROOT = "escapes dataset root"
+ZERO_BYTE = "zero-byte file"
+NOT_AN_IMAGE = "not an image"
+TRUNCATED = "truncated image"
+UNREADABLE = "unreadable image"
+DECOMPRESSION_BOMB = "decompression bomb"
+TOO_SMALL = "image too small"
+MISSING_IMAGE = "missing image"
+# Captions
+MISSING_CAPTION = "missing caption"
+EMPTY_CAPTION = "empty caption"
+CAPTION_NOT_UTF8 = "caption not UTF-8"
+CAPTION_TOO_LONG = "caption too long"
+BAD_METADATA_ROW = "unreadable metadata row"
+# Tar shards
+UNREADABLE_SHARD = "unreadable shard"
+
+
+class Rejected(Exception):
+    """One entry is bad, for `reason` (one of the strings above); the scan quarantines it and goes on."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    file: str
+    reason: str
+    detail: str = ""
+
+    def to_json(self) -> str:
+        record = {"file": self.file, "reason": self.reason}
+        if self.detail:
+            record["detail"] = self.detail
+        return json.dumps(record, ensure_ascii=False)
+
+
+class Quarantine:
+    """Collects bad entries, each (file, reason) once; with a path, appends each to quarantine.jsonl as it is met.
+
+    A streamed source meets the same bad member every epoch: it is counted and written once. Entries already in
+    an existing file (a resumed run) are not written twice. Pass `path=None` on every process but the main one:
+    the counts stay the same there, and only one process writes.
+    """
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        self.entries: list[QuarantineEntry] = []
+        self._met: set[tuple[str, str]] = set()
+        self._written: set[tuple[str, str]] = set()
+        if path is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self._written.add((record["file"], record["reason"]))
+
+    def add(self, file: str, reason: str, detail: str = "") -> None:
+        if (file, reason) in self._met:
+            return
+        self._met.add((file, reason))
+        entry = QuarantineEntry(file, reason, detail)
+        self.entries.append(entry)
+        if self.path is None or (file, reason) in self._written:
+            return
+        self._written.add((file, reason))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(entry.to_json() + "\n")
+
+    @property
+    def counts(self) -> Counter[str]:
+        return Counter(entry.reason for entry in self.entries)
+
+
+@dataclass
+class ScanReport:
+    """What a scan of the data found: good entries kept, bad ones skipped by reason."""
+
+    kept: int
+    skipped: Counter[str] = field(default_factory=Counter)
+    quarantine_path: Path | None = None
+    # Set for a streamed source: its entries are checked as they are met, so at start only the shards are known.
+    shards: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.kept + sum(self.skipped.values())
+
+    @property
+    def bad_fraction(self) -> float:
+        return sum(self.skipped.values()) / self.total if self.total else 0.0
+
+    def summary(self) -> str:
+        """The one line printed at start: "data: 97 images, 6 skipped (2 truncated image, ...); see ..."."""
+        if self.shards is not None:
+            where = f" to {self.quarantine_path}" if self.quarantine_path is not None else ""
+            return f"data: {self.shards} tar shards, streamed; bad members go{where} as they are met"
+        bad = sum(self.skipped.values())
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+        where = f"; see {self.quarantine_path}" if bad and self.quarantine_path is not None else ""
+        return f"data: {self.kept} images, {bad} skipped" + (f" ({reasons})" if bad else "") + where
+
+    def check(self, max_bad_fraction: float) -> None:
+        """Stop, with a clear message, when too much of the data is bad: it is then likely the wrong data."""
+        if self.total == 0:
+            raise T2IError("data: no images found; check data.path")
+        if self.bad_fraction > max_bad_fraction:
+            where = f" (listed in {self.quarantine_path})" if self.quarantine_path is not None else ""
+            raise T2IError(f"data: {sum(self.skipped.values())} of {self.total} entries are bad{where}, more than "
+                           f"data.max_bad_fraction = {max_bad_fraction:g}; fix them or raise the limit")
+        if self.kept == 0:
+            raise T2IError("data: every entry is bad; nothing is left to train on")

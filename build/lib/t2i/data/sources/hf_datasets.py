@@ -1,0 +1,77 @@
+"""Any `datasets` dataset: a `save_to_disk` folder, a local data file (parquet, arrow, csv, json), or a hub
+name when online; images from `image_column`, captions from `caption_column`.
+
+Images are read undecoded (`Image(decode=False)`), so that `t2i.data.scan` decodes them with its own checks
+and a bad image is quarantined instead of raising inside `datasets`. Entries are named "split[row]".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+
+from t2i.data.quarantine import NOT_AN_IMAGE, Rejected
+from t2i.data.sources.entry import Entry
+from t2i.errors import T2IError
+
+# `datasets` builders that read a local data file, by its extension.
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_table(path: str, split: str) -> datasets.Dataset:
+    """One split of the dataset at `path` (a save_to_disk folder, a data file, or a hub name)."""
+    local = Path(path)
+    try:
+        if local.is_dir():
+            loaded = datasets.load_from_disk(str(local))
+        elif local.is_file():
+            if local.suffix.lower() not in FILE_BUILDERS:
+                raise T2IError(f"data.path '{path}': datasets reads {', '.join(FILE_BUILDERS)} files, "
+                               f"not '{local.suffix}'")
+            loaded = datasets.load_dataset(FILE_BUILDERS[local.suffix.lower()], data_files={split: str(local)})
+        else:
+            loaded = datasets.load_dataset(path)
+    except T2IError:
+        raise
+    except Exception as error:  # `datasets` raises many types: missing folders, no network, bad files
+        raise T2IError(f"data.path '{path}' could not be loaded as a datasets dataset: {error}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise T2IError(f"data.split '{split}' is not in '{path}'; it has {', '.join(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+@dataclass(frozen=True)
+class RowImage:
+    """Reads the encoded bytes of one row's image, when the scan or the dataset asks for them."""
+
+    table: datasets.Dataset
+    row: int
+    column: str
+
+    def __call__(self) -> bytes:
+        value = self.table[self.row][self.column]
+        if isinstance(value, dict):  # an undecoded datasets.Image: bytes, or a path to the file
+            if value.get("bytes") is not None:
+                return value["bytes"]
+            if value.get("path"):
+                return Path(value["path"]).read_bytes()
+        if isinstance(value, bytes):
+            return value
+        raise Rejected(NOT_AN_IMAGE, f"column '{self.column}' holds {type(value).__name__}")
+
+
+def list_hf_dataset(path: str, image_column: str, caption_column: str, split: str = "train") -> list[Entry]:
+    table = load_table(path, split)
+    for column in (image_column, caption_column):
+        if column not in table.column_names:
+            raise T2IError(f"'{path}' has no column '{column}' (it has {', '.join(table.column_names)}); set "
+                           "data.image_column and data.caption_column")
+    if isinstance(table.features[image_column], datasets.Image):
+        table = table.cast_column(image_column, datasets.Image(decode=False))
+    captions = table[caption_column]
+    return [Entry(f"{split}[{row}]", RowImage(table, row, image_column),
+                  None if caption is None else str(caption))
+            for row, caption in enumerate(captions)]

@@ -1,0 +1,143 @@
+"""An image folder, captioned one of two ways:
+
+- `metadata.jsonl` or `metadata.csv` at the root (the `datasets` imagefolder convention): one row per image, its
+  path relative to the root in `file_name`, its caption in the caption column (default `text`);
+- sidecar captions, when there is no metadata file: every image `a/x.png` is captioned by `a/x.txt`.
+
+Every `file_name` must stay inside the root: an absolute path, a `..` part, or a path that resolves (through
+symlinks) outside the root is quarantined as escaping it. Entries are sorted by name, so the listing is the
+same on every process and every run.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path, PurePosixPath
+
+from t2i.data.quarantine import BAD_METADATA_ROW, CAPTION_NOT_UTF8, ESCAPES_ROOT, Rejected
+from t2i.data.sources.entry import Entry
+from t2i.errors import T2IError
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+FILE_NAME_COLUMN = "file_name"
+# The extensions PIL reads that image folders commonly hold (the `datasets` imagefolder list, in short).
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+CAPTION_EXTENSION = ".txt"
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
+    """Every entry of the folder, sorted by name; bad ones carry their `problem`."""
+    if not root.is_dir():
+        raise T2IError(f"data.path '{root}' is not a folder")
+    present = [name for name in METADATA_FILES if (root / name).is_file()]
+    if len(present) > 1:
+        raise T2IError(f"'{root}' holds both {' and '.join(present)}; keep one")
+    if present == ["metadata.jsonl"]:
+        entries = _jsonl_entries(root, caption_column)
+    elif present == ["metadata.csv"]:
+        entries = _csv_entries(root, caption_column)
+    else:
+        entries = _sidecar_entries(root)
+    return sorted(entries, key=lambda entry: entry.name)
+
+
+def resolve_inside(root: Path, file_name: str) -> Path:
+    """`root / file_name`, or `Rejected(ESCAPES_ROOT)` when that is absolute, climbs with `..`, or is a
+    symlink (or under one) that points outside the root."""
+    if file_name.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(file_name) or os.path.isabs(file_name):
+        raise Rejected(ESCAPES_ROOT, "absolute path")
+    if ".." in PurePosixPath(file_name.replace("\\", "/")).parts:
+        raise Rejected(ESCAPES_ROOT, "'..' in path")
+    path = root / file_name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise Rejected(ESCAPES_ROOT, f"resolves to {path.resolve()}")
+    return path
+
+
+def _row_entry(root: Path, file_name: object, caption: object, name: str) -> Entry:
+    if not isinstance(file_name, str) or not file_name:
+        return Entry(name, None, None, Rejected(BAD_METADATA_ROW, f"no '{FILE_NAME_COLUMN}'"))
+    caption = None if caption is None else str(caption)
+    try:
+        return Entry(file_name, resolve_inside(root, file_name), caption)
+    except Rejected as problem:
+        return Entry(file_name, None, caption, problem)
+
+
+def _jsonl_entries(root: Path, caption_column: str) -> list[Entry]:
+    entries = []
+    lines = (root / "metadata.jsonl").read_bytes().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        name = f"metadata.jsonl:{number}"
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:  # also bad UTF-8
+            entries.append(Entry(name, None, None, Rejected(BAD_METADATA_ROW, str(error))))
+            continue
+        entries.append(_row_entry(root, row.get(FILE_NAME_COLUMN), row.get(caption_column), name))
+    return entries
+
+
+def _csv_entries(root: Path, caption_column: str) -> list[Entry]:
+    path = root / "metadata.csv"
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise T2IError(f"'{path}' is not UTF-8 text: {error}") from None
+    reader = csv.DictReader(text.splitlines())
+    columns = reader.fieldnames or []
+    for column in (FILE_NAME_COLUMN, caption_column):
+        if column not in columns:
+            raise T2IError(f"'{path}' has no '{column}' column (it has {', '.join(columns) or 'none'}); "
+                           "set data.caption_column to the caption's column")
+    return [_row_entry(root, row[FILE_NAME_COLUMN], row[caption_column], f"metadata.csv:{number}")
+            for number, row in enumerate(reader, start=2)]
+
+
+def _sidecar_entries(root: Path) -> list[Entry]:
+    """Every image under root, hidden files and folders aside. Symlinked folders are followed while they stay
+    inside the root (each real folder once); one that points out is quarantined."""
+    entries = []
+    visited = {root.resolve()}
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        kept = []
+        for name in sorted(subfolders):
+            path = Path(folder) / name
+            if name.startswith(".") or path.resolve() in visited:
+                continue
+            try:
+                resolve_inside(root, path.relative_to(root).as_posix())
+            except Rejected as problem:
+                entries.append(Entry(path.relative_to(root).as_posix() + "/", None, None, problem))
+                continue
+            visited.add(path.resolve())
+            kept.append(name)
+        subfolders[:] = kept
+        for file in files:
+            path = Path(folder) / file
+            if file.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            name = path.relative_to(root).as_posix()
+            try:
+                image = resolve_inside(root, name)
+                entries.append(Entry(name, image, *_sidecar_caption(root, path.with_suffix(CAPTION_EXTENSION))))
+            except Rejected as problem:
+                entries.append(Entry(name, None, None, problem))
+    return entries
+
+
+def _sidecar_caption(root: Path, path: Path) -> tuple[str | None, Rejected | None]:
+    if not path.is_file():
+        return None, None
+    resolve_inside(root, path.relative_to(root).as_posix())
+    try:
+        return path.read_bytes().decode("utf-8-sig"), None
+    except UnicodeDecodeError as error:
+        return None, Rejected(CAPTION_NOT_UTF8, str(error))

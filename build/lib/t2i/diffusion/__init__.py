@@ -1,0 +1,1 @@
+"""Diffusion math as pure functions over tensors: schedules, parameterisations, losses, guidance, samplers."""

@@ -1,0 +1,85 @@
+"""Variance schedules: β_t for t = 0..T-1 and the cumulative ᾱ_t = Π(1 - β_s), as pure functions.
+
+Names and conventions follow diffusers' schedulers so that a trained model samples with any of them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+Schedule = Literal["linear", "scaled_linear", "cosine"]
+
+# (β_1, β_T) of the linear schedule of DDPM (Ho et al. 2020, §4) and the scaled-linear one of Stable Diffusion.
+LINEAR_BETA_RANGE = (1e-4, 0.02)
+SCALED_LINEAR_BETA_RANGE = (0.00085, 0.012)
+# Improved DDPM (Nichol & Dhariwal 2021, eq. 17): offset s and the clip on β_t that avoids a singularity at t = T.
+COSINE_OFFSET = 0.008
+COSINE_MAX_BETA = 0.999
+
+# Our schedule names -> diffusers' `beta_schedule` names.
+DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+
+
+def beta_range(schedule: Schedule) -> tuple[float, float]:
+    """(β_start, β_end) for the linear schedules; the cosine schedule ignores them."""
+    return SCALED_LINEAR_BETA_RANGE if schedule == "scaled_linear" else LINEAR_BETA_RANGE
+
+
+def cosine_alpha_bar(t: torch.Tensor) -> torch.Tensor:
+    """ᾱ(t) = cos²(((t + s) / (1 + s)) · π/2) for t in [0, 1] (Improved DDPM, eq. 17, unnormalised)."""
+    return torch.cos((t + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
+
+
+def betas(schedule: Schedule, num_timesteps: int) -> torch.Tensor:
+    """β_t for t = 0..T-1 in float64."""
+    if schedule == "linear":
+        start, end = LINEAR_BETA_RANGE
+        return torch.linspace(start, end, num_timesteps, dtype=torch.float64)
+    if schedule == "scaled_linear":
+        start, end = SCALED_LINEAR_BETA_RANGE
+        return torch.linspace(start**0.5, end**0.5, num_timesteps, dtype=torch.float64) ** 2
+    if schedule == "cosine":
+        steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        alpha_bar = cosine_alpha_bar(steps)
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=COSINE_MAX_BETA)
+    raise ValueError(f"unknown schedule {schedule!r}; valid: linear, scaled_linear, cosine")
+
+
+def alphas_cumprod(schedule: Schedule, num_timesteps: int) -> torch.Tensor:
+    """ᾱ_t = Π_{s ≤ t} (1 - β_s), in float64."""
+    return torch.cumprod(1 - betas(schedule, num_timesteps), dim=0)
+
+
+def scheduler_alphas_cumprod(config: dict) -> torch.Tensor:
+    """ᾱ_t of a diffusers scheduler config: t2i's own schedules exactly as above, any other (trained betas, other
+    β ranges) as diffusers computes it."""
+    ours = {name: schedule for schedule, name in DIFFUSERS_BETA_SCHEDULE.items()}.get(config.get("beta_schedule"))
+    if ours is not None and config.get("trained_betas") is None and (
+            ours == "cosine" or (config.get("beta_start"), config.get("beta_end")) == beta_range(ours)):
+        return alphas_cumprod(ours, config["num_train_timesteps"])
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(config).alphas_cumprod.to(torch.float64)
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ / (1 - ᾱ) of x_t = √ᾱ x_0 + √(1-ᾱ) ε."""
+    return alpha_bar / (1 - alpha_bar)
+
+
+def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str) -> dict:
+    """The diffusers scheduler config that reproduces this schedule and parameterisation."""
+    start, end = beta_range(schedule)
+    return {
+        "num_train_timesteps": num_timesteps,
+        "beta_schedule": DIFFUSERS_BETA_SCHEDULE[schedule],
+        "beta_start": start,
+        "beta_end": end,
+        "prediction_type": prediction,
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading" if schedule == "scaled_linear" else "trailing",
+    }

@@ -1,0 +1,90 @@
+"""The demo's report: a grid image and a self-contained HTML page with prompts, images, judged accuracy and
+loss curves."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from PIL import Image
+
+from t2i.eval.evaluate import Evaluation
+from t2i.eval.grid import make_grid
+
+IMAGE_SCALE = 3  # enlarge 32-px samples so a reader can see them
+
+
+def _png_data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_curves(run_dir: Path, stages: list[str]) -> Image.Image | None:
+    """One panel per stage: its training loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {stage: read_metrics(run_dir / stage / "metrics.jsonl") for stage in stages}
+    curves = {stage: records for stage, records in curves.items() if records}
+    if not curves:
+        return None
+    figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
+    for axis, (stage, records) in zip(axes[0], curves.items()):
+        axis.plot([r["step"] for r in records], [r["loss"] for r in records])
+        axis.set_title(f"{stage} loss")
+        axis.set_xlabel("step")
+        axis.set_yscale("log")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: list[str], timings: dict,
+                 settings: dict) -> tuple[Path, Path]:
+    """Write `grid.png` and `report.html` into `out_dir`; return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid_path = out_dir / "grid.png"
+    make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE).save(grid_path)
+
+    rows = []
+    for prompt, category, image, verdict in zip(evaluation.prompts, evaluation.categories, evaluation.images,
+                                                evaluation.judgements):
+        marks = " ".join(f"{name}:{'✓' if ok else '✗'}" for name, ok in verdict.attributes.items())
+        big = image.resize((image.width * IMAGE_SCALE, image.height * IMAGE_SCALE), Image.NEAREST)
+        rows.append(f"<tr class='{'ok' if verdict.correct else 'bad'}'><td><img src='{_png_data_uri(big)}'></td>"
+                    f"<td>{html.escape(prompt)}</td><td>{category}</td><td>{marks}</td>"
+                    f"<td>{html.escape(verdict.found)}</td></tr>")
+    summary_rows = []
+    for category, scores in evaluation.summary.items():
+        cells = "".join(f"<td>{name}: {value:.2f}</td>" for name, value in scores.items())
+        summary_rows.append(f"<tr><th>{category}</th>{cells}</tr>")
+    curves = loss_curves(run_dir, stages)
+    curves_html = f"<img src='{_png_data_uri(curves)}'>" if curves else "<p>no metrics recorded</p>"
+    timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
+    page = f"""<!doctype html><html><head><meta charset='utf-8'><title>t2i demo report</title>
+<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;text-align:left}}
+tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-rendering:pixelated}}</style></head>
+<body><h1>t2i demo report</h1>
+<p>Sampling: {html.escape(json.dumps(settings))}</p>
+<h2>Judged accuracy (fraction of images)</h2><table>{''.join(summary_rows)}</table>
+<h2>Time</h2><table>{timing_rows}</table>
+<h2>Loss curves</h2>{curves_html}
+<h2>Samples</h2><table><tr><th>image</th><th>prompt</th><th>category</th><th>judged</th><th>found</th></tr>
+{''.join(rows)}</table></body></html>"""
+    report_path = out_dir / "report.html"
+    report_path.write_text(page)
+    return grid_path, report_path

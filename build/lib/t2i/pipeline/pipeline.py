@@ -1,0 +1,233 @@
+"""Prompt -> images: text encoding, classifier-free-guided latent denoising, VAE decoding.
+
+The sampling loop follows diffusers' `StableDiffusionPipeline` step for step (same noise draw, same scheduler
+calls, same post-processing), so a Stable Diffusion folder gives the same images through either.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from t2i.diffusion.guidance import classifier_free_guidance
+from t2i.diffusion.samplers import check_sampler, make_scheduler
+from t2i.errors import T2IError
+from t2i.models.text_encoder import TextEncoder, report_truncation
+from t2i.models.vae import latent_factor
+from t2i.pipeline import storage
+
+logger = logging.getLogger("t2i")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise T2IError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
+    return device
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU (several times faster than bf16 there); bf16 on GPUs, which does not overflow like fp16."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class NonFiniteSample(T2IError):
+    """Sampling produced NaN or infinite values; the message says whether the model or the sampler did."""
+
+
+class Text2ImagePipeline:
+    """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
+                 scheduler_config: dict, defaults: dict | None = None):
+        self.vae = vae.eval()
+        self.text_encoder = text_encoder.eval()
+        self.unet = unet.eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.defaults = {"num_inference_steps": 30, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **(defaults or {})}
+        self.device, self.dtype = self.unet.device, self.unet.dtype
+
+    # ----------------------------------------------------------------- loading, saving, moving
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
+        """Load a t2i pipeline folder or a diffusers-format Stable Diffusion folder."""
+        pipe = cls(**storage.load_components(Path(path)))
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        storage.save_components(Path(path), self.vae, self.text_encoder, self.unet, self.scheduler_config,
+                                self.defaults)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
+        self.device = resolve_device(device)
+        self.dtype = dtype or default_dtype(self.device)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.to(self.device)
+            if next(module.parameters()).dtype != self.dtype:  # diffusers warns on every dtype cast
+                module.to(self.dtype)
+        return self
+
+    @property
+    def latent_factor(self) -> int:
+        return latent_factor(self.vae)
+
+    @property
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.latent_factor
+
+    # ----------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Token states (B, L, D) for `prompts`; a prompt longer than the context is truncated and reported."""
+        tokens = self.text_encoder.tokenize(prompts)
+        report_truncation(prompts, tokens, self.text_encoder.context_length)
+        return self.text_encoder(tokens.ids.to(self.device)).to(self.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        sampler: str | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> list[Image.Image]:
+        """Images for `prompt` (one per prompt); image i is drawn from seed + i, or from seed[i] for a list.
+
+        An image with seed s starts from the latents `StableDiffusionPipeline` draws for
+        `generator=torch.Generator("cpu").manual_seed(s)`, on any device.
+        """
+        prompts = _as_prompt_list(prompt)
+        negatives = _as_negative_list(negative_prompt, len(prompts))
+        seeds = _as_seed_list(seed, len(prompts))
+        steps = num_inference_steps if num_inference_steps is not None else self.defaults["num_inference_steps"]
+        guidance = guidance_scale if guidance_scale is not None else self.defaults["guidance_scale"]
+        sampler = sampler or self.defaults["sampler"]
+        check_sampler(sampler)
+        if steps < 1:
+            raise T2IError(f"num_inference_steps must be at least 1; got {steps}")
+        height, width = self._check_size(height or self.default_size, width or self.default_size)
+
+        batch_size = batch_size or len(prompts)
+        images: list[Image.Image] = []
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
+            chunk = slice(start, start + batch_size)
+            latents = self._denoise(prompts[chunk], negatives[chunk], seeds[chunk], steps, guidance, height,
+                                    width, sampler)
+            images.extend(self._decode(latents))
+        return images
+
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.latent_factor
+        for name, value in (("height", height), ("width", width)):
+            if value < factor or value % factor:
+                raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
+        return height, width
+
+    def _denoise(self, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, guidance: float,
+                 height: int, width: int, sampler: str) -> torch.Tensor:
+        scheduler = make_scheduler(sampler, self.scheduler_config)
+        use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
+        context = self.encode_prompts(prompts)
+        if use_guidance:
+            context = torch.cat([self.encode_prompts(negatives), context])
+
+        # Timesteps first: some schedulers (Euler) set init_noise_sigma from them.
+        scheduler.set_timesteps(steps, device=self.device)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (len(prompts), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generators)
+        predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
+        for t in scheduler.timesteps:
+            model_input = torch.cat([latents] * 2) if use_guidance else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            prediction = self.unet(model_input, t, encoder_hidden_states=context).sample
+            predictions_finite &= torch.isfinite(prediction).all()
+            if use_guidance:
+                uncond, cond = prediction.chunk(2)
+                prediction = classifier_free_guidance(uncond, cond, guidance)
+            latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+        if not predictions_finite:
+            raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
+                                  "its weights have diverged or overflow in this dtype")
+        if not torch.isfinite(latents).all():
+            raise NonFiniteSample(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps "
+                                  "or another sampler")
+        return latents
+
+    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            latents = latents + config.shift_factor
+        pixels = self.vae.decode(latents.to(self.dtype)).sample
+        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
+
+
+def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
+    """The extra arguments StableDiffusionPipeline hands to `scheduler.step`: eta = 0 and the generators."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    return kwargs
+
+
+def _as_prompt_list(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise T2IError("no prompt given: pass a non-empty string or a list of them")
+    for i, text in enumerate(prompts):
+        if not isinstance(text, str):
+            raise T2IError(f"prompt {i} is a {type(text).__name__}, not a string")
+        if not text.strip():
+            raise T2IError("the prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+    return prompts
+
+
+def _as_negative_list(negative_prompt, count: int) -> list[str]:
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return [negative_prompt or ""] * count
+    negatives = list(negative_prompt)
+    if len(negatives) != count:
+        raise T2IError(f"got {len(negatives)} negative prompts for {count} prompts; give one, or one per prompt")
+    return negatives
+
+
+def _as_seed_list(seed, count: int) -> list[int]:
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - count, ()).item())
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(count)]
+    seeds = list(seed)
+    if len(seeds) != count or not all(isinstance(s, (int, np.integer)) for s in seeds):
+        raise T2IError(f"seed must be an int or a list of {count} ints (one per image); got {seed!r}")
+    return [int(s) for s in seeds]

@@ -1,0 +1,1 @@
+"""Training: one shared loop and small stages (vae, clip, unet)."""

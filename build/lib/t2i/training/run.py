@@ -1,0 +1,257 @@
+"""A whole training run: the configured stages in order, each in its own folder, then the pipeline.
+
+    run_dir/config.yaml          the resolved config
+    run_dir/vae/final            AutoencoderKL (diffusers format, measured scaling factor)
+    run_dir/clip/final           open_clip text encoder (when trained here)
+    run_dir/unet/final           UNet2DConditionModel
+    run_dir/finetune/final       a fine-tuned U-Net (unet/) and its LoRA adapters (lora/, diffusers' layout)
+    run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
+    run_dir/pipeline             the assembled Text2ImagePipeline
+    run_dir/quarantine.jsonl     user images skipped as bad, each with its reason
+    run_dir/t2i.lock             while a run is in progress: who holds the folder
+
+One run at a time per folder: the main process holds the folder's lock for every process of the run. A first
+SIGTERM or SIGINT stops the stage in training after its current step, with a checkpoint to resume from.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.utils.data import Dataset
+
+from t2i.config import RunConfig
+from t2i.config_io import to_dict
+from t2i.data.build import build_datasets
+from t2i.data.image_captions import ImageCaptionDataset
+from t2i.data.latents import encode_dataset
+from t2i.data.shapes import ShapesDataset, prompt_suite
+from t2i.diffusion.schedules import scheduler_config
+from t2i.errors import T2IError
+from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
+from t2i.models.unet import build_unet
+from t2i.models.vae import build_vae
+from t2i.pipeline import Text2ImagePipeline
+from t2i.pipeline.hub import resolve_model
+from t2i.pipeline.pipeline import resolve_device
+from t2i.training import run_lock
+from t2i.training.interrupt import StopRequest
+from t2i.training.launch import is_launched, launch_local
+from t2i.training.loop import FINAL, train
+from t2i.training.stages.clip import ClipStage
+from t2i.training.stages.finetune import UNET as FINETUNED_UNET
+from t2i.training.stages.finetune import FinetuneStage
+from t2i.training.stages.unet import UNetStage
+from t2i.training.stages.vae import VAEStage
+
+PREVIEW_PROMPTS = 8
+
+
+def load_vae(run_dir: Path) -> AutoencoderKL:
+    folder = run_dir / "vae" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained VAE at '{folder}': add 'vae' to stages, or train it first")
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def load_text_encoder(config: RunConfig, run_dir: Path) -> TextEncoder:
+    if config.text_encoder.source != "scratch":
+        return build_text_encoder(config.text_encoder, config.data.resolution)
+    folder = run_dir / "clip" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained text encoder at '{folder}': add 'clip' to stages, or train it first")
+    return OpenClipTextEncoder.load(folder, config.text_encoder.clip_skip)
+
+
+def pipeline_scheduler_config(config: RunConfig) -> dict:
+    diffusion = config.diffusion
+    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction)
+
+
+def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path:
+    """Train every configured stage (skipping finished ones when resuming) and save the pipeline.
+
+    `resume_weights_only` resumes each stage from its latest checkpoint's weights with a fresh optimizer: for
+    checkpoints whose optimizer state cannot be read (written by an older t2i, or damaged).
+    """
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir)
+    resume = resume or resume_weights_only
+    if config.local_processes > 1 and not is_launched():
+        if device.type != "cpu":
+            raise T2IError("local_processes > 1 splits CPU training between processes; on GPUs start "
+                           "`t2i train` under `accelerate launch` instead")
+        with run_lock.hold(run_dir):
+            launch_local(_train_stages, (config, device, resume, resume_weights_only), config.local_processes)
+        return run_dir / "pipeline"
+    processes = PartialState(cpu=device.type == "cpu")
+    with _run_folder_locked(run_dir, processes), StopRequest().installed() as stop:
+        return _train_stages(config, device, resume, resume_weights_only, stop=stop)
+
+
+@contextmanager
+def _run_folder_locked(run_dir: Path, processes: PartialState):
+    """The main process holds the run folder's lock for all; if it cannot, every process stops with its reason."""
+    lock, refusal = None, None
+    if processes.is_main_process:
+        try:
+            lock = run_lock.acquire(run_dir)
+        except run_lock.RunFolderBusy as error:
+            refusal = str(error)
+    if processes.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise run_lock.RunFolderBusy(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            run_lock.release(lock)
+
+
+def _holds_a_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any(not p.name.startswith(run_lock.LOCK_NAME) for p in run_dir.iterdir())
+
+
+def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_weights_only: bool,
+                  stop: StopRequest) -> Path:
+    run_dir = Path(config.run_dir)
+    # Under `accelerate launch` every process runs this; the main one alone writes shared files.
+    processes = PartialState(cpu=device.type == "cpu")
+    if _holds_a_run(run_dir) and not resume:
+        raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
+                       "another folder with --set run_dir=...")
+    processes.wait_for_everyone()
+    resolved = to_dict(config)
+    if processes.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
+    inputs = StageInputs(config, run_dir, dataset, validation, device)
+
+    for name in config.stages:
+        stage_dir = run_dir / name
+        if (stage_dir / FINAL).is_dir():
+            print(f"[{name}] already trained: {stage_dir / FINAL}")
+            continue
+        train_config = getattr(config.train, name)
+        torch.manual_seed(train_config.seed)  # the same initial weights on every run
+        stage, stage_data = STAGES[name](inputs)
+        train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume,
+              resume_weights_only=resume_weights_only, stop=stop)
+    if processes.is_main_process:
+        (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
+    processes.wait_for_everyone()
+    return run_dir / "pipeline"
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What every stage builder may draw on."""
+
+    config: RunConfig
+    run_dir: Path
+    dataset: Dataset
+    validation: Dataset | None
+    device: torch.device
+
+
+def _vae_stage(inputs: StageInputs):
+    config = inputs.config
+    return VAEStage(build_vae(config.vae, config.data.resolution), config.vae, inputs.dataset), inputs.dataset
+
+
+def _clip_stage(inputs: StageInputs):
+    config = inputs.config
+    text_encoder = OpenClipTextEncoder.from_config(config.text_encoder, config.data.resolution)
+    text_encoder.clip.token_embedding.requires_grad_(not config.text_encoder.freeze_token_embedding)
+    return ClipStage(text_encoder), inputs.dataset
+
+
+def _unet_stage(inputs: StageInputs):
+    config, run_dir = inputs.config, inputs.run_dir
+    vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
+    text_encoder = load_text_encoder(config, run_dir)
+    unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
+                      config.data.resolution // config.vae.latent_factor)
+    preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
+    stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
+                      inputs.device)
+    return stage, _latents_or_images(config, vae, inputs.dataset)
+
+
+def _finetune_stage(inputs: StageInputs):
+    config = inputs.config
+    source = load_source_pipeline(config, inputs.device)
+    preview = list(config.finetune.validation_prompts) or _captions(inputs.validation or inputs.dataset)
+    stage = FinetuneStage(source, config.finetune, config.diffusion, preview, inputs.validation,
+                          config.train.finetune.batch_size, inputs.device)
+    return stage, _latents_or_images(config, stage.vae, inputs.dataset)
+
+
+# Stage name -> builder of (stage, the data it trains on); a new stage is one builder and one line here.
+STAGES: dict[str, Callable[[StageInputs], tuple]] = {
+    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "finetune": _finetune_stage}
+
+
+def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) -> Dataset:
+    """The dataset encoded once by the frozen VAE, when `cache_latents` is on and every item is fixed."""
+    if not config.cache_latents:
+        return dataset
+    if not _fixed_items(dataset):
+        print("latents are not cached: random crops, flips, aspect-ratio buckets or a streamed dataset change the "
+              "images from epoch to epoch")
+        return dataset
+    return encode_dataset(vae, dataset)
+
+
+def _fixed_items(dataset: Dataset) -> bool:
+    """Is item i the same image of one size every epoch (so that its latents can be computed once)?"""
+    if isinstance(dataset, ShapesDataset):
+        return True
+    return (isinstance(dataset, ImageCaptionDataset) and dataset.shapes is None and dataset.crop == "center"
+            and not dataset.random_flip)
+
+
+def _captions(dataset: Dataset) -> list[str]:
+    """Preview prompts from the data: the first captions of a map-style dataset (none from a stream)."""
+    if not hasattr(dataset, "__len__"):
+        return []
+    return [dataset[i]["caption"] for i in range(min(PREVIEW_PROMPTS, len(dataset)))]
+
+
+def load_source_pipeline(config: RunConfig, device: torch.device) -> Text2ImagePipeline:
+    """The pretrained pipeline a fine-tune starts from, in fp32 (training keeps fp32 master weights)."""
+    return Text2ImagePipeline.from_pretrained(resolve_model(config.finetune.model), device=device,
+                                              dtype=torch.float32)
+
+
+def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
+    """The source pipeline with the fine-tuned U-Net (adapters merged in), saved to run_dir/pipeline."""
+    source = load_source_pipeline(config, torch.device("cpu"))
+    unet = UNet2DConditionModel.from_pretrained(run_dir / "finetune" / FINAL / FINETUNED_UNET)
+    pipe = Text2ImagePipeline(source.vae, source.text_encoder, unet, source.scheduler_config, source.defaults)
+    pipe.save_pretrained(run_dir / "pipeline")
+    return run_dir / "pipeline"
+
+
+def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
+    unet_folder = run_dir / "unet" / FINAL
+    if not unet_folder.is_dir():
+        raise T2IError(f"no trained U-Net at '{unet_folder}': add 'unet' to stages")
+    sampling = config.sampling
+    pipe = Text2ImagePipeline(
+        load_vae(run_dir), load_text_encoder(config, run_dir), UNet2DConditionModel.from_pretrained(unet_folder),
+        pipeline_scheduler_config(config),
+        defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
+                  "sampler": sampling.sampler},
+    )
+    pipe.save_pretrained(run_dir / "pipeline")
+    return run_dir / "pipeline"

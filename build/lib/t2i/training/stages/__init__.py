@@ -1,0 +1,1 @@
+"""Training stages: each supplies a model, a loss and an export format to the shared loop."""

@@ -1,0 +1,89 @@
+"""Stage unet: train the conditional U-Net to denoise VAE latents (DDPM's simple loss, ε or v target), with
+captions dropped to the empty prompt so that classifier-free guidance works. VAE and text encoder are frozen."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from t2i.config import DiffusionConfig
+from t2i.diffusion.losses import diffusion_loss, min_snr_weights
+from t2i.diffusion.parameterization import add_noise, training_target
+from t2i.diffusion.schedules import scheduler_alphas_cumprod
+from t2i.eval.grid import save_grid
+from t2i.models.text_encoder import TextEncoder
+from t2i.pipeline import Text2ImagePipeline
+
+EMPTY_PROMPT = ""
+
+
+def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+    """Replace each caption by the empty prompt with `probability` (the unconditional model of CFG)."""
+    dropped = torch.rand(len(captions), generator=generator, device=generator.device) < probability
+    return [EMPTY_PROMPT if drop else caption for caption, drop in zip(captions, dropped.tolist())]
+
+
+class UNetStage:
+    """The noise schedule and parameterisation come from `scheduler_config`, the one the pipeline samples with;
+    `diffusion` gives the training choices (caption dropout, Min-SNR-γ, noise offset)."""
+
+    name = "unet"
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: TextEncoder,
+                 diffusion: DiffusionConfig, scheduler_config: dict, preview_prompts: list[str],
+                 device: torch.device, preview_defaults: dict | None = None):
+        self.model = unet
+        self.vae = vae.requires_grad_(False).eval().to(device)
+        self.text_encoder = text_encoder.requires_grad_(False).eval().to(device)
+        self.diffusion = diffusion
+        self.scheduler_config = scheduler_config
+        self.preview_prompts = preview_prompts
+        self.preview_defaults = preview_defaults or {"num_inference_steps": 20, "guidance_scale": 2.0}
+        self.prediction = scheduler_config["prediction_type"]
+        self.num_train_timesteps = scheduler_config["num_train_timesteps"]
+        self.alpha_bar = scheduler_alphas_cumprod(scheduler_config).float().to(device)
+
+    @torch.no_grad()
+    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """Scaled latents: sampled from cached posterior moments, or encoded from pixels on the fly."""
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            posterior = self.vae.encode(batch["pixel_values"]).latent_dist
+            mean, std = posterior.mean, posterior.std
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _context(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        return self.text_encoder(self.text_encoder.tokenize(captions).ids.to(device))
+
+    def loss(self, model: UNet2DConditionModel, batch: dict, generator: torch.Generator,
+             caption_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
+        x0 = self._latents(batch, generator)  # (B, C, h, w)
+        dropout = self.diffusion.caption_dropout if caption_dropout is None else caption_dropout
+        captions = drop_captions(list(batch["caption"]), dropout, generator)
+        context = self._context(captions, x0.device)  # (B, L, D)
+        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.diffusion.noise_offset:
+            noise = noise + self.diffusion.noise_offset * torch.randn(
+                (*x0.shape[:2], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
+        alpha_bar = self.alpha_bar[t]
+        prediction = model(add_noise(x0, noise, alpha_bar), t, encoder_hidden_states=context).sample
+        target = training_target(self.prediction, x0, noise, alpha_bar)
+        weights = (min_snr_weights(alpha_bar, self.diffusion.min_snr_gamma, self.prediction)
+                   if self.diffusion.min_snr_gamma else None)
+        return diffusion_loss(prediction, target, weights), {}
+
+    @torch.no_grad()
+    def sample(self, model: UNet2DConditionModel, path: Path) -> None:
+        model.eval()
+        pipe = Text2ImagePipeline(self.vae, self.text_encoder, model, self.scheduler_config)
+        steps, guidance = self.preview_defaults["num_inference_steps"], self.preview_defaults["guidance_scale"]
+        images = pipe(self.preview_prompts, num_inference_steps=steps, guidance_scale=guidance, seed=0)
+        save_grid(images, path, rows=1)
+
+    def save(self, model: UNet2DConditionModel, folder: Path) -> None:
+        model.save_pretrained(folder)

@@ -1,0 +1,123 @@
+"""t2i finetune: a pretrained pipeline trained further on a folder of captioned images, full or LoRA."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from t2i import Text2ImagePipeline
+from t2i.cli import main
+from t2i.config import PACKAGED_CONFIGS, load_config
+from t2i.data.build import detect_source
+from t2i.errors import T2IError
+from t2i.training.run import run_training
+from t2i.training.stages.finetune import FinetuneStage
+
+from conftest import REPO
+from data_fixtures import clean_folder, planted_folder, write_shards
+
+FINETUNED = "finetune/final/unet/diffusion_pytorch_model.safetensors"
+
+
+def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--max-steps", "4",
+            "--batch-size", "4", "--device", "cpu", "--set", "train.finetune.sample_every=2", *extra]
+
+
+def test_lora_finetune_quarantines_the_bad_files_and_saves_a_loadable_pipeline(trained_run, tmp_path, capsys):
+    folder = planted_folder(tmp_path)
+    out = tmp_path / "run"
+    assert main(finetune_args(trained_run / "pipeline", folder.root, out, "--lora-rank", "4",
+                              "--set", "data.max_bad_fraction=1", "--set", "data.validation_fraction=0.2")) == 0
+    printed = capsys.readouterr().out
+    assert f"{len(folder.bad)} skipped" in printed
+    quarantined = {json.loads(line)["file"]: json.loads(line)["reason"]
+                   for line in (out / "quarantine.jsonl").read_text().splitlines()}
+    assert quarantined == folder.bad
+    records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r] == [2, 4]
+    assert (out / "finetune" / "samples" / "step_0000002.png").is_file()
+    assert (out / "finetune" / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not any("lora" in key for key in load_file(out / FINETUNED))  # merged: loadable without peft
+
+    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
+    tuned = load_file(out / FINETUNED)
+    changed = [k for k in source if not torch.equal(source[k], tuned[k])]
+    assert changed and all("attn" in k for k in changed)  # only the adapted attention projections moved
+    pipe = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipe("a red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)
+
+
+def test_too_many_bad_files_stop_the_run_before_training(trained_run, tmp_path, capsys):
+    folder = planted_folder(tmp_path)
+    assert main(finetune_args(trained_run / "pipeline", folder.root, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "t2i finetune: error:" in err and "max_bad_fraction" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "finetune").exists()
+
+
+@pytest.mark.parametrize("lora_rank", [0, 2])
+def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, monkeypatch, lora_rank):
+    data = clean_folder(tmp_path / "data", count=24).root
+    settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
+                "train.finetune.steps=6", "train.finetune.batch_size=4", "train.finetune.checkpoint_every=3",
+                "train.finetune.sample_every=0", "train.finetune.ema_decay=0.9", f"finetune.lora.rank={lora_rank}",
+                "device=cpu"]
+    config = lambda run: load_config(PACKAGED_CONFIGS / "finetune.yaml", [*settings, f"run_dir={run}"])  # noqa: E731
+    run_training(config(tmp_path / "uninterrupted"))
+
+    real_loss = FinetuneStage.loss
+    calls = {"n": 0}
+
+    def crashing_loss(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # inside step 5, after the step-3 checkpoint: as a kill -9 would leave it
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(FinetuneStage, "loss", crashing_loss)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config(tmp_path / "crashed"))
+    monkeypatch.setattr(FinetuneStage, "loss", real_loss)
+    run_training(config(tmp_path / "crashed"), resume=True)
+    resumed, uninterrupted = load_file(tmp_path / "crashed" / FINETUNED), load_file(tmp_path / "uninterrupted" /
+                                                                                    FINETUNED)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_the_data_source_is_detected_from_what_is_there(tmp_path):
+    folder = clean_folder(tmp_path / "images", count=2).root
+    shards = write_shards(tmp_path / "shards", count=4, per_shard=2, bad=False).root
+    (tmp_path / "table.parquet").write_bytes(b"")
+    assert detect_source(str(folder)) == "imagefolder"
+    assert detect_source(str(shards)) == "webdataset"
+    assert detect_source(str(tmp_path / "table.parquet")) == "datasets"
+    assert detect_source("someone/some-dataset") == "datasets"
+
+
+def test_finetune_needs_a_model_and_runs_alone():
+    with pytest.raises(T2IError, match="needs finetune.model"):
+        load_config(PACKAGED_CONFIGS / "finetune.yaml", ["data.path=x"])
+    with pytest.raises(T2IError, match="runs alone"):
+        load_config(PACKAGED_CONFIGS / "finetune.yaml", ["data.path=x", "finetune.model=m", "stages=[unet,finetune]"])
+
+
+def test_a_plain_install_carries_the_configs(tmp_path):
+    """`pip install .` (not editable), then the packaged configs load from another folder."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 68:
+        pytest.skip("building t2i needs setuptools >= 68 in this environment")
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+    code = ("from t2i.config import PACKAGED_CONFIGS, load_config\nfrom t2i.demo import default_config\n"
+            "print(PACKAGED_CONFIGS)\nload_config(default_config('cpu'))\n"
+            "load_config(PACKAGED_CONFIGS / 'finetune.yaml', ['finetune.model=m', 'data.path=d'])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(target)})
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == target / "t2i" / "configs"
