@@ -120,7 +120,7 @@ def main() -> None:
             ("SIGTERM then --resume: 0 difference in final weights", difference == 0.0, f"{difference:g}"),
             ("0 duplicated metrics", duplicates == 0, str(duplicates))]
     for name, met, value in rows:
-        print(f"  {name:<55}{value:>12}  {'met' if met else 'NOT met'}")
+        print(f"  {name:<62}{value:>12}  {'met' if met else 'NOT met'}")
 
 
 if __name__ == "__main__":
