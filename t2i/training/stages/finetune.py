@@ -44,14 +44,14 @@ class FinetuneStage(UNetStage):
 
     def __init__(self, pipe: Text2ImagePipeline, finetune: FinetuneConfig, diffusion: DiffusionConfig,
                  preview_prompts: list[str], validation: Dataset | None, batch_size: int, device: torch.device):
-        unet = pipe.unet.to(device, torch.float32)  # the master weights train in fp32; autocast does the rest
+        unet = pipe.unet  # loaded in fp32 on the device (run.load_source_pipeline): the master weights
         lora = finetune.lora
         if lora.rank:
             add_lora(unet, lora.rank, lora.alpha, lora.target_modules, lora.dropout)
         if finetune.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        super().__init__(unet, pipe.vae.float(), pipe.text_encoder.float(), diffusion, pipe.scheduler_config,
-                         preview_prompts, device, preview_defaults=pipe.defaults)
+        super().__init__(unet, pipe.vae, pipe.text_encoder, diffusion, pipe.scheduler_config, preview_prompts, device,
+                         preview_defaults=pipe.defaults)
         self.lora = lora.rank > 0
         self.validation = (list(islice(DataLoader(validation, batch_size=batch_size), finetune.validation_batches))
                            if validation is not None else [])
