@@ -121,3 +121,21 @@ def test_a_plain_install_carries_the_configs(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()) == target / "t2i" / "configs"
+
+
+def test_two_processes_end_with_the_weights_of_one_with_the_same_global_batch(trained_run, tmp_path):
+    data = clean_folder(tmp_path / "data", count=16).root
+    settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
+                "train.finetune.steps=3", "train.finetune.sample_every=0", "train.finetune.log_every=1",
+                "train.finetune.learning_rate=1e-3", "device=cpu"]
+    one = load_config(PACKAGED_CONFIGS / "finetune.yaml", [*settings, f"run_dir={tmp_path / 'one'}",
+                                                           "train.finetune.batch_size=4"])
+    two = load_config(PACKAGED_CONFIGS / "finetune.yaml", [*settings, f"run_dir={tmp_path / 'two'}",
+                                                           "train.finetune.batch_size=2", "local_processes=2"])
+    run_training(one)
+    run_training(two)
+    single, parallel = load_file(tmp_path / "one" / FINETUNED), load_file(tmp_path / "two" / FINETUNED)
+    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
+    moved = max((single[k] - source[k]).abs().max().item() for k in single)
+    difference = max((single[k] - parallel[k]).abs().max().item() for k in single)
+    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)

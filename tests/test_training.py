@@ -10,6 +10,7 @@ from t2i.errors import T2IError
 from t2i.models.text_encoder import OpenClipTextEncoder
 from t2i.training.checkpoint import latest_checkpoint
 from t2i.training.run import run_training
+from t2i.training.randomness import BatchRandomness
 from t2i.training.stages.unet import UNetStage, drop_captions
 
 from conftest import tiny_config
@@ -130,11 +131,21 @@ def test_batch_sampler_resumes_and_shards():
         ResumableBatchSampler(2, 3)
 
 
+def test_two_processes_draw_the_rows_one_process_draws():
+    whole = BatchRandomness(torch.Generator().manual_seed(3))
+    ranks = [BatchRandomness(torch.Generator().manual_seed(3), rank, 2) for rank in (0, 1)]
+    draws = [(r.randn((2, 3)), r.rand(2), r.randint(1000, 2)) for r in ranks]
+    expected = (whole.randn((4, 3)), whole.rand(4), whole.randint(1000, 4))
+    for kind in range(3):
+        interleaved = torch.stack([draws[0][kind], draws[1][kind]], dim=1).flatten(0, 1)  # rows 0, 1, 2, 3
+        assert torch.equal(interleaved, expected[kind])
+
+
 def test_caption_dropout_rate():
     generator = torch.Generator().manual_seed(0)
-    captions = drop_captions(["a red circle"] * 10_000, 0.1, generator)
+    captions = drop_captions(["a red circle"] * 10_000, 0.1, BatchRandomness(generator))
     assert 0.08 < captions.count("") / len(captions) < 0.12
-    assert drop_captions(["x"] * 100, 0.0, generator) == ["x"] * 100
+    assert drop_captions(["x"] * 100, 0.0, BatchRandomness(generator)) == ["x"] * 100
 
 
 @pytest.mark.parametrize("schedule, prediction", [("linear", "epsilon"), ("scaled_linear", "v_prediction"),
@@ -150,7 +161,7 @@ def test_unet_stage_trains_with_every_schedule_and_parameterisation(trained_run,
     stage = UNetStage(unet, load_vae(trained_run), load_text_encoder(config, trained_run), config.diffusion,
                       pipeline_scheduler_config(config), [], torch.device("cpu"))
     batch = {"pixel_values": torch.rand(4, 3, 32, 32) * 2 - 1, "caption": ["a large red circle"] * 4}
-    loss, _ = stage.loss(unet, batch, torch.Generator().manual_seed(0))
+    loss, _ = stage.loss(unet, batch, BatchRandomness(torch.Generator().manual_seed(0)))
     loss.backward()
     assert torch.isfinite(loss) and loss.item() > 0
     assert all(p.grad is not None for p in unet.parameters() if p.requires_grad)

@@ -40,6 +40,7 @@ from t2i.training.checkpoint import (
     save_checkpoint,
 )
 from t2i.training.interrupt import StopRequest, TrainingInterrupted, signal_name
+from t2i.training.randomness import BatchRandomness
 
 FINAL = "final"  # the stage's exported model, inside its run folder; present only once complete
 # Large odd multiplier that spreads (seed, micro-batch) pairs over distinct generator seeds.
@@ -52,8 +53,8 @@ class Stage(Protocol):
     name: str
     model: torch.nn.Module  # the trained module: optimised, EMA'd, checkpointed
 
-    def loss(self, model: torch.nn.Module, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        """The loss to minimise and float metrics to log, for one micro-batch."""
+    def loss(self, model: torch.nn.Module, batch: dict, rng: BatchRandomness) -> tuple[torch.Tensor, dict]:
+        """The loss to minimise and float metrics to log, for one micro-batch; every random draw from `rng`."""
 
     def sample(self, model: torch.nn.Module, path: Path) -> dict | None:
         """Write a sample grid to `path` (called with the EMA weights, when EMA is on); return metrics to log
@@ -170,14 +171,15 @@ class TrainLoop:
         config, accelerator = self.config, self.accelerator
         logged: dict[str, float] = {}
         for micro in range(config.grad_accum_steps):
+            # Seeded by the global micro-batch, alike in every process; each keeps its rows (randomness.py).
             generator = torch.Generator(accelerator.device).manual_seed(
-                config.seed * _SEED_STRIDE + self.state.micro_batches * accelerator.num_processes
-                + accelerator.process_index)
+                config.seed * _SEED_STRIDE + self.state.micro_batches)
+            rng = BatchRandomness(generator, accelerator.process_index, accelerator.num_processes)
             batch = _to_device(next(self.batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
             with (accelerator.no_sync(self.stage_loss) if not last_micro else nullcontext(),
                   accelerator.autocast()):
-                loss, metrics = self.stage_loss(batch, generator)
+                loss, metrics = self.stage_loss(batch, rng)
                 accelerator.backward(loss / config.grad_accum_steps)
             self.state.micro_batches += 1
             for key, value in {"loss": loss.item(), **metrics}.items():
@@ -325,8 +327,8 @@ class _StageLoss(torch.nn.Module):
         self.model = stage.model
         self.loss = stage.loss
 
-    def forward(self, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        return self.loss(self.model, batch, generator)
+    def forward(self, batch: dict, rng: BatchRandomness) -> tuple[torch.Tensor, dict]:
+        return self.loss(self.model, batch, rng)
 
 
 def _finite_or_none(record: dict) -> dict:

@@ -8,6 +8,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from t2i.models.text_encoder import OpenClipTextEncoder
+from t2i.training.randomness import BatchRandomness
 
 
 class ClipStage:
@@ -17,7 +18,7 @@ class ClipStage:
         self.model = text_encoder
         self.contrastive = ClipLoss()
 
-    def loss(self, model: OpenClipTextEncoder, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: OpenClipTextEncoder, batch: dict, rng: BatchRandomness) -> tuple[torch.Tensor, dict]:
         images = batch["pixel_values"]
         captions = list(batch["caption"])
         ids = model.tokenize(captions).ids.to(images.device)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from t2i.config import DiffusionConfig, FinetuneConfig
 from t2i.pipeline import Text2ImagePipeline
+from t2i.training.randomness import BatchRandomness
 from t2i.training.stages.unet import UNetStage
 
 UNET, LORA = "unet", "lora"  # the stage's exported folders: the full (LoRA-merged) U-Net, and the adapters
@@ -61,10 +62,10 @@ class FinetuneStage(UNetStage):
         """The loss on the held-out batches, every caption kept, at fixed timesteps and noise."""
         was_training = model.training
         model.eval()
-        generator = torch.Generator(self.alpha_bar.device).manual_seed(VALIDATION_SEED)
         device = self.alpha_bar.device
+        rng = BatchRandomness(torch.Generator(device).manual_seed(VALIDATION_SEED))
         losses = [self.loss(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
-                            generator, caption_dropout=0.0)[0].item() for batch in self.validation]
+                            rng, caption_dropout=0.0)[0].item() for batch in self.validation]
         model.train(was_training)
         return sum(losses) / len(losses)
 

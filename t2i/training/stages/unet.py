@@ -14,13 +14,14 @@ from t2i.diffusion.schedules import scheduler_alphas_cumprod
 from t2i.eval.grid import save_grid
 from t2i.models.text_encoder import TextEncoder
 from t2i.pipeline import Text2ImagePipeline
+from t2i.training.randomness import BatchRandomness
 
 EMPTY_PROMPT = ""
 
 
-def drop_captions(captions: list[str], probability: float, generator: torch.Generator) -> list[str]:
+def drop_captions(captions: list[str], probability: float, rng: BatchRandomness) -> list[str]:
     """Replace each caption by the empty prompt with `probability` (the unconditional model of CFG)."""
-    dropped = torch.rand(len(captions), generator=generator, device=generator.device) < probability
+    dropped = rng.rand(len(captions)) < probability
     return [EMPTY_PROMPT if drop else caption for caption, drop in zip(captions, dropped.tolist())]
 
 
@@ -45,31 +46,31 @@ class UNetStage:
         self.alpha_bar = scheduler_alphas_cumprod(scheduler_config).float().to(device)
 
     @torch.no_grad()
-    def _latents(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def _latents(self, batch: dict, rng: BatchRandomness) -> torch.Tensor:
         """Scaled latents: sampled from cached posterior moments, or encoded from pixels on the fly."""
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"], batch["latent_std"]
         else:
             posterior = self.vae.encode(batch["pixel_values"]).latent_dist
             mean, std = posterior.mean, posterior.std
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = rng.randn(mean.shape, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def _context(self, captions: list[str], device: torch.device) -> torch.Tensor:
         return self.text_encoder(self.text_encoder.tokenize(captions).ids.to(device))
 
-    def loss(self, model: UNet2DConditionModel, batch: dict, generator: torch.Generator,
+    def loss(self, model: UNet2DConditionModel, batch: dict, rng: BatchRandomness,
              caption_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
-        x0 = self._latents(batch, generator)  # (B, C, h, w)
+        x0 = self._latents(batch, rng)  # (B, C, h, w)
         dropout = self.diffusion.caption_dropout if caption_dropout is None else caption_dropout
-        captions = drop_captions(list(batch["caption"]), dropout, generator)
+        captions = drop_captions(list(batch["caption"]), dropout, rng)
         context = self._context(captions, x0.device)  # (B, L, D)
-        t = torch.randint(0, self.num_train_timesteps, (x0.shape[0],), generator=generator, device=x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = rng.randint(self.num_train_timesteps, x0.shape[0]).to(x0.device)
+        noise = rng.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         if self.diffusion.noise_offset:
-            noise = noise + self.diffusion.noise_offset * torch.randn(
-                (*x0.shape[:2], 1, 1), generator=generator, device=x0.device, dtype=x0.dtype)
+            noise = noise + self.diffusion.noise_offset * rng.randn((*x0.shape[:2], 1, 1), dtype=x0.dtype,
+                                                                    device=x0.device)
         alpha_bar = self.alpha_bar[t]
         prediction = model(add_noise(x0, noise, alpha_bar), t, encoder_hidden_states=context).sample
         target = training_target(self.prediction, x0, noise, alpha_bar)

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from t2i.config import VAEConfig
 from t2i.eval.grid import save_grid
 from t2i.models.vae import measure_scaling_factor
+from t2i.training.randomness import BatchRandomness
 
 SCALING_SAMPLE_SIZE = 2048  # images used to measure the latent standard deviation
 PREVIEW_IMAGES = 8
@@ -25,10 +26,10 @@ class VAEStage:
         self.config = config
         self.dataset = dataset
 
-    def loss(self, model: AutoencoderKL, batch: dict, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(self, model: AutoencoderKL, batch: dict, rng: BatchRandomness) -> tuple[torch.Tensor, dict]:
         images = batch["pixel_values"]
         posterior = model.encode(images).latent_dist
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=images.device, dtype=images.dtype)
+        noise = rng.randn(posterior.mean.shape, dtype=images.dtype, device=images.device)
         reconstruction = model.decode(posterior.mean + posterior.std * noise).sample
         mse = F.mse_loss(reconstruction.float(), images.float())
         l1 = F.l1_loss(reconstruction.float(), images.float())
