@@ -298,6 +298,9 @@ class RunConfig:
     stages: tuple[Stage, ...] = ("vae", "clip", "unet")
     # Encode the whole dataset with the frozen VAE once before the unet stage, instead of every step.
     cache_latents: bool = True
+    # Keep those latents on disk here between runs, keyed by the VAE's weights and dtype and by the data with its
+    # resolution and augmentation (t2i.data.latents); None keeps them in memory for the run only.
+    latent_cache_dir: str | None = None
     # CPU only: train as this many data-parallel processes on this machine, sharing its cores (batch sizes are
     # per process). For GPUs and several machines, start `t2i train` under `accelerate launch` instead.
     local_processes: int = 1

@@ -139,3 +139,33 @@ def test_two_processes_end_with_the_weights_of_one_with_the_same_global_batch(tr
     moved = max((single[k] - source[k]).abs().max().item() for k in single)
     difference = max((single[k] - parallel[k]).abs().max().item() for k in single)
     assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+
+
+def test_latents_cached_on_disk_are_reused_and_never_stale(tmp_path, monkeypatch, tiny_pipeline):
+    import os
+
+    from t2i.data import latents as latent_cache
+    from t2i.data.build import build_datasets
+
+    folder = clean_folder(tmp_path / "data", count=6).root
+    data = load_config(PACKAGED_CONFIGS / "finetune.yaml", ["finetune.model=m", f"data.path={folder}"]).data
+    dataset, _, _ = build_datasets(data)
+    vae, cache = tiny_pipeline.vae, tmp_path / "cache"
+    first = latent_cache.cached_latents(vae, dataset, cache)
+    assert len(list(cache.glob("latents-*.safetensors"))) == 1
+
+    monkeypatch.setattr(latent_cache, "encode_dataset", lambda *args: pytest.fail("encoded again"))
+    again = latent_cache.cached_latents(vae, dataset, cache)
+    assert torch.equal(again.mean, first.mean) and again.captions == first.captions
+    monkeypatch.undo()
+
+    key = latent_cache.cache_key(vae, dataset)
+    os.utime(dataset.samples[0].image, ns=(1, 1))  # the same bytes, touched: the key changes all the same
+    assert latent_cache.cache_key(vae, dataset) != key
+    key = latent_cache.cache_key(vae, dataset)
+    cropped, _, _ = build_datasets(load_config(PACKAGED_CONFIGS / "finetune.yaml", [
+        "finetune.model=m", f"data.path={folder}", "data.resolution=16"]).data)
+    assert latent_cache.cache_key(vae, cropped) != key
+    with torch.no_grad():
+        next(vae.parameters()).add_(1e-3)
+    assert latent_cache.cache_key(vae, dataset) != key

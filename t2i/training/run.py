@@ -31,7 +31,7 @@ from t2i.config import RunConfig
 from t2i.config_io import to_dict
 from t2i.data.build import build_datasets
 from t2i.data.image_captions import ImageCaptionDataset
-from t2i.data.latents import encode_dataset
+from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
 from t2i.errors import T2IError
@@ -209,7 +209,7 @@ def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) 
         print("latents are not cached: random crops, flips, aspect-ratio buckets or a streamed dataset change the "
               "images from epoch to epoch")
         return dataset
-    return encode_dataset(vae, dataset)
+    return cached_latents(vae, dataset, Path(config.latent_cache_dir) if config.latent_cache_dir else None)
 
 
 def _fixed_items(dataset: Dataset) -> bool:
