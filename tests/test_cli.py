@@ -13,7 +13,9 @@ OPTIONS = {
     "demo": ["--out", "--device", "--config", "--set"],
     "train": ["config", "--set", "--resume"],
     "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
-                 "--height", "--width", "--out", "--device"],
+                 "--height", "--width", "--out", "--device", "--from-image"],
+    "batch": ["--model", "--prompts", "--out", "--batch-size", "--steps", "--guidance", "--sampler", "--negative",
+              "--seed", "--height", "--width", "--num-images", "--skip-invalid", "--force", "--device", "--merge"],
 }
 
 
