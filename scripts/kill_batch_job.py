@@ -1,6 +1,6 @@
 """Kill a 200-image `t2i batch` job with SIGKILL at 10 random moments, finish it, and count lost and duplicated images.
 
-    python scripts/kill_batch_job.py                       # tiny random model, 50 prompts x 4 images
+    OMP_NUM_THREADS=1 python scripts/kill_batch_job.py     # tiny random model, 50 prompts x 4 images
     python scripts/kill_batch_job.py --kills 10 --seed 1
 
 Each kill lands a random 0-1.5 s after the job's next image appears, so it falls mid-batch, mid-write or
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=60, help="enough that 10 kills land before the end")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,

@@ -22,7 +22,8 @@ PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 1em; background: #fafafa; }}
 .sheet {{ display: grid; grid-template-columns: repeat(auto-fill, minmax({size}px, 1fr)); gap: 12px; }}
 figure {{ margin: 0; background: #fff; padding: 6px; border: 1px solid #ddd; }}
-img {{ display: block; width: 100%; aspect-ratio: 1; object-fit: contain; image-rendering: pixelated; background: #eee; }}
+img {{ display: block; width: 100%; aspect-ratio: 1; object-fit: contain; image-rendering: pixelated;
+       background: #eee; }}
 figcaption {{ font-size: 12px; overflow-wrap: anywhere; }}
 .seed {{ color: #666; }}
 #broken {{ color: #b00; }}
