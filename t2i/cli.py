@@ -1,4 +1,4 @@
-"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function.
+"""The `t2i` command: demo, train, generate, batch. Each command parses its options and calls one library function.
 
 Only the standard library and t2i's plain modules are imported at the top, so that `t2i --help` answers
 without loading torch or diffusers; each command imports what it uses.
@@ -95,7 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         "generate", help="generate images from a prompt with a saved pipeline",
         description="Generate images for PROMPT with a t2i pipeline folder or a diffusers Stable Diffusion "
                     "folder. Image i uses seed SEED+i.")
-    generate.add_argument("prompt", help="what to draw, e.g. 'a large red circle'")
+    generate.add_argument("prompt", nargs="?", default=None,
+                          help="what to draw, e.g. 'a large red circle' (or use --from-image)")
     generate.add_argument("--model", type=Path, required=True, help="pipeline folder (t2i or diffusers SD)")
     generate.add_argument("--negative", default=None, help="negative prompt: what to steer away from")
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
@@ -111,6 +112,43 @@ def _parser() -> argparse.ArgumentParser:
                           help="output PNG; with several images, NAME-0.png, NAME-1.png, ... (default: t2i.png)")
     generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                           help="where to run (default: auto)")
+    generate.add_argument("--from-image", type=Path, default=None, metavar="PNG",
+                          help="take prompt, negative prompt, steps, sampler, guidance, seed and size from the "
+                               "parameters embedded in PNG (by t2i batch or A1111) instead of the options")
+
+    batch = commands.add_parser(
+        "batch", help="generate images for every line of a prompt file; resumable and shardable",
+        description="Generate the images that FILE asks for into OUT: images/<id>-<k>.png with their parameters "
+                    "embedded, manifest.jsonl, job.json and index.html. FILE is .txt (one prompt a line; blank "
+                    "lines skipped), .jsonl or .csv with the fields id, prompt, negative_prompt, seed, steps, "
+                    "guidance, sampler, height, width, num_images; the options give the defaults for missing "
+                    "fields, the pipeline's saved defaults come after them. Rerunning the same command makes only "
+                    "what is missing. Under `accelerate launch -m t2i.cli batch ...` items are shared out "
+                    "between the processes.")
+    batch.add_argument("--model", type=Path, help="pipeline folder (t2i or diffusers SD)")
+    batch.add_argument("--prompts", type=Path, metavar="FILE", help="prompt file: .txt, .jsonl or .csv")
+    batch.add_argument("--out", type=Path, help="output folder; rerun into it to resume")
+    batch.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    batch.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    batch.add_argument("--guidance", type=float, default=None,
+                       help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
+    batch.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                       help="sampling method (default: the pipeline's)")
+    batch.add_argument("--negative", default="", help="negative prompt for items without one (default: none)")
+    batch.add_argument("--seed", type=int, default=0,
+                       help="job seed: an item without a seed draws image k from a seed derived from this, its "
+                            "id and k (default: 0)")
+    batch.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")
+    batch.add_argument("--width", type=int, default=None, help="image width in pixels (default: trained size)")
+    batch.add_argument("--num-images", type=int, default=1, help="images per item without num_images (default: 1)")
+    batch.add_argument("--skip-invalid", action="store_true",
+                       help="report invalid lines and run the rest, instead of stopping before any work")
+    batch.add_argument("--force", action="store_true",
+                       help="go on in an OUT made with another model or other defaults, remaking changed images")
+    batch.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where to run, with one process (default: auto)")
+    batch.add_argument("--merge", type=Path, default=None, metavar="DIR",
+                       help="only merge DIR's manifest shards into manifest.jsonl and rewrite its index.html")
     return parser
 
 
@@ -181,6 +219,10 @@ def _generate(args) -> None:
 
     if args.num_images < 1:
         raise T2IError(f"--num-images must be at least 1; got {args.num_images}")
+    if args.from_image is not None:
+        _take_parameters_from_image(args)
+    elif args.prompt is None:
+        raise T2IError("give a prompt, or --from-image PNG")
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device)
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
@@ -191,6 +233,40 @@ def _generate(args) -> None:
     for image, path in zip(images, paths):
         image.save(path)
         print(path)
+
+
+def _take_parameters_from_image(args) -> None:
+    from t2i.jobs.parameters import model_hash, read_png_parameters
+
+    if args.prompt is not None:
+        raise T2IError("give a prompt or --from-image, not both")
+    embedded = read_png_parameters(args.from_image)
+    if embedded["model_hash"] and embedded["model_hash"] != model_hash(args.model):
+        print(f"t2i: warning: {args.from_image} was made by model hash {embedded['model_hash']}, not "
+              f"{args.model}'s {model_hash(args.model)}; the pixels will differ", file=sys.stderr)
+    args.prompt, args.negative = embedded["prompt"], embedded["negative_prompt"] or None
+    args.steps, args.guidance, args.seed = embedded["steps"], embedded["guidance"], embedded["seed"]
+    args.sampler, args.height, args.width = embedded["sampler"], embedded["height"], embedded["width"]
+
+
+def _batch(args) -> None:
+    from t2i.jobs.run import BatchJob, finish, run_batch_job
+
+    if args.merge is not None:
+        records = finish(args.merge)
+        print(f"{len(records)} images in {args.merge / 'manifest.jsonl'}; gallery {args.merge / 'index.html'}")
+        return
+    missing = [name for name in ("model", "prompts", "out") if getattr(args, name) is None]
+    if missing:
+        raise T2IError(f"batch needs {', '.join('--' + name for name in missing)} (or --merge DIR)")
+    summary = run_batch_job(BatchJob(
+        model=args.model, prompts=args.prompts, out=args.out, batch_size=args.batch_size, steps=args.steps,
+        guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative, seed=args.seed,
+        height=args.height, width=args.width, num_images=args.num_images, skip_invalid=args.skip_invalid,
+        force=args.force, device=args.device))
+    print(f"{summary.images} images: {summary.generated} generated ({summary.images_per_second:.2f} images/s), "
+          f"{summary.already_done} already done, {summary.invalid_lines} invalid lines skipped; "
+          f"{args.out / 'manifest.jsonl'}, {args.out / 'index.html'}")
 
 
 def _quiet_libraries() -> None:
@@ -223,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
     previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
-        {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate}[args.command](args)
+        commands = {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate, "batch": _batch}
+        commands[args.command](args)
     except TrainingInterrupted as stopped:
         print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
         return stopped.exit_code

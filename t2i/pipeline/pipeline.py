@@ -135,9 +135,10 @@ class Text2ImagePipeline:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
             chunk = slice(start, start + batch_size)
-            latents = self._denoise(prompts[chunk], negatives[chunk], seeds[chunk], steps, guidance, height,
-                                    width, sampler)
-            images.extend(self._decode(latents))
+            context = self.encode_prompts(prompts[chunk])
+            negative_context = self.encode_prompts(negatives[chunk]) if guidance != 1.0 else None
+            latents = self.denoise(context, negative_context, seeds[chunk], steps, guidance, height, width, sampler)
+            images.extend(self.decode(latents))
         return images
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -147,18 +148,24 @@ class Text2ImagePipeline:
                 raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
         return height, width
 
-    def _denoise(self, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, guidance: float,
-                 height: int, width: int, sampler: str) -> torch.Tensor:
+    @torch.no_grad()
+    def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
+                guidance: float, height: int, width: int, sampler: str) -> torch.Tensor:
+        """Latents (B, C, h, w) from token states (B, L, D) that callers may have encoded once and reused.
+
+        `negative_context` is needed unless guidance is 1; the U-Net sees both halves in one batched forward.
+        """
         scheduler = make_scheduler(sampler, self.scheduler_config)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
-        context = self.encode_prompts(prompts)
         if use_guidance:
-            context = torch.cat([self.encode_prompts(negatives), context])
+            if negative_context is None:
+                raise T2IError(f"guidance {guidance} needs the negative prompts' token states")
+            context = torch.cat([negative_context, context])
 
         # Timesteps first: some schedulers (Euler) set init_noise_sigma from them.
         scheduler.set_timesteps(steps, device=self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (len(prompts), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        shape = (len(seeds), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=self.dtype)
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators)
@@ -180,7 +187,8 @@ class Text2ImagePipeline:
                                   "or another sampler")
         return latents
 
-    def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         config = self.vae.config
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):

@@ -1,0 +1,1 @@
+"""Batch generation jobs: prompt files in; images, manifest and gallery out; resumable and sharded."""

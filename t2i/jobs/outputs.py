@@ -1,0 +1,143 @@
+"""A job's output folder: images/, manifest shards and manifest.jsonl, job.json.
+
+Every file a reader may trust is complete: images and whole files are written to a temporary name in the
+same folder and renamed; manifest lines are appended one whole line at a time, and a cut last line (a crash
+mid-write) is dropped and rebuilt from the image it names.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+from t2i.errors import T2IError
+
+IMAGES = "images"
+MANIFEST = "manifest.jsonl"
+JOB = "job.json"
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def shard_name(rank: int) -> str:
+    return f"manifest.rank-{rank}.jsonl"
+
+
+def png_bytes(image, parameters: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def temporary_path(path: Path) -> Path:
+    """Hidden, beside `path`, and the same for every try: only the process that owns the image writes it."""
+    return path.with_name(f".{path.name}{TEMPORARY_SUFFIX}")
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    staging = temporary_path(path)
+    with open(staging, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(staging, path)
+
+
+def sha256_of(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_file(path: Path) -> str:
+    return sha256_of(path.read_bytes())
+
+
+class ManifestShard:
+    """One process's append-only manifest: one JSON line per finished image."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+
+    def append(self, record: dict) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_records(path: Path) -> tuple[list[dict], bool]:
+    """The whole records of a manifest file, and whether a cut or garbled line was dropped."""
+    if not path.is_file():
+        return [], False
+    records, damaged = [], False
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            damaged = True
+            continue
+        if isinstance(record, dict) and {"id", "k", "file", "sha256"} <= set(record):
+            records.append(record)
+        else:
+            damaged = True
+    return records, damaged
+
+
+def manifest_files(out: Path) -> list[Path]:
+    return [out / MANIFEST, *sorted(out.glob("manifest.rank-*.jsonl"))]
+
+
+def all_records(out: Path) -> dict[tuple[str, int], dict]:
+    """(id, k) -> its latest record over manifest.jsonl and every shard."""
+    records = {}
+    for path in manifest_files(out):
+        for record in read_records(path)[0]:
+            records[(record["id"], record["k"])] = record
+    return records
+
+
+def repair_shard(path: Path) -> None:
+    """Rewrite a shard without its cut or garbled lines; the images they named are re-recorded from the files."""
+    records, damaged = read_records(path)
+    if damaged:
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_atomically(path, lines.encode())
+
+
+def merge_manifests(out: Path) -> list[dict]:
+    """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k); drop the shards."""
+    if not out.is_dir():
+        raise T2IError(f"output folder '{out}' does not exist")
+    records = [record for record in all_records(out).values() if (out / record["file"]).is_file()]
+    records.sort(key=lambda record: (record["id"], record["k"]))
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    write_atomically(out / MANIFEST, lines.encode())
+    for shard in out.glob("manifest.rank-*.jsonl"):
+        shard.unlink()
+    return records
+
+
+def check_job_file(out: Path, job: dict, force: bool) -> None:
+    """Refuse to add to a folder made with another model or other defaults, unless forced."""
+    path = out / JOB
+    if force or not path.is_file():
+        return
+    try:
+        previous = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise T2IError(f"'{path}' is not valid JSON; fix it or pass --force to overwrite it") from None
+    changed = [key for key in ("model_hash", "defaults") if previous.get(key) != job[key]]
+    if changed:
+        details = "; ".join(f"{key}: was {previous.get(key)}, now {job[key]}" for key in changed)
+        raise T2IError(f"'{out}' holds a job with another {' and '.join(changed)} ({details}); use another --out, "
+                       "or --force to go on with the new settings")
+
+
+def write_job_file(out: Path, job: dict) -> None:
+    write_atomically(out / JOB, (json.dumps(job, indent=2) + "\n").encode())

@@ -1,0 +1,202 @@
+"""The batch job: prompt file in; images, manifest, job.json and gallery out; restartable at any point.
+
+Exact resume: an image's pixels are a pure function of its task (prompt, negative prompt, seed, steps,
+guidance, sampler, size) and the batch size, never of which other images share its batch (batches are padded
+to full size and each prompt is encoded alone); and an image is done exactly when images/<id>-<k>.png exists,
+which only the rename of a complete file creates. So a rerun after a crash at any point makes exactly the
+missing images, equal to those an uninterrupted run would have made; the manifest is rebuilt from the files.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from t2i.errors import T2IError
+from t2i.jobs import outputs
+from t2i.jobs.gallery import write_gallery
+from t2i.jobs.items import ImageTask, JobDefaults, image_tasks, read_items
+from t2i.jobs.parameters import format_parameters, model_hash
+from t2i.jobs.processes import Processes, current_processes
+from t2i.jobs.writer import ImageWriter
+
+PROMPT_CACHE_SIZE = 256  # encoded prompts kept: batches are grouped, so a prompt's images mostly run together
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """A job as the command line describes it; None means: the pipeline's saved default."""
+
+    model: Path
+    prompts: Path
+    out: Path
+    batch_size: int = 4
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+    skip_invalid: bool = False
+    force: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    images: int  # this process's share of the job
+    generated: int
+    already_done: int
+    invalid_lines: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.generated / self.seconds if self.seconds else 0.0
+
+
+def run_batch_job(job: BatchJob) -> JobSummary:
+    from t2i.pipeline import Text2ImagePipeline
+
+    if job.batch_size < 1:
+        raise T2IError(f"--batch-size must be at least 1; got {job.batch_size}")
+    processes = current_processes(job.device)
+    pipe = Text2ImagePipeline.from_pretrained(job.model, device=processes.device)
+    defaults = _resolve_defaults(job, pipe)
+    items, problems = read_items(job.prompts, defaults, pipe.latent_factor)
+    if problems:
+        listing = "\n".join(f"  {job.prompts}: {problem}" for problem in problems)
+        if not job.skip_invalid:
+            raise T2IError(f"{len(problems)} invalid line(s) in '{job.prompts}'; nothing was generated "
+                           f"(--skip-invalid runs the valid ones):\n{listing}")
+        if processes.rank == 0:
+            print(f"skipping {len(problems)} invalid line(s):\n{listing}", file=sys.stderr)
+
+    model = {"name": job.model.resolve().name, "hash": model_hash(job.model)}
+    job_record = {"model": str(job.model.resolve()), "model_hash": model["hash"], "prompts": str(job.prompts),
+                  "defaults": asdict(defaults), "batch_size": job.batch_size}
+    outputs.check_job_file(job.out, job_record, job.force)
+    (job.out / outputs.IMAGES).mkdir(parents=True, exist_ok=True)
+    if processes.rank == 0:
+        outputs.write_job_file(job.out, job_record)
+
+    tasks = [task for item in items if processes.owns(item.id) for task in image_tasks(item, defaults.seed)]
+    shard = outputs.shard_name(processes.rank)
+    outputs.repair_shard(job.out / shard)
+    writer = ImageWriter(job.out, shard, model)
+    try:
+        pending = _pending_tasks(job.out, tasks, model, writer, job.force)
+        started = time.perf_counter()
+        _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
+    finally:
+        writer.close()
+    seconds = time.perf_counter() - started
+    processes.wait_for_everyone()
+    if processes.rank == 0:
+        finish(job.out)
+    return JobSummary(len(tasks), len(pending), len(tasks) - len(pending), len(problems), seconds)
+
+
+def finish(out: Path) -> list[dict]:
+    """Merge the manifest shards into manifest.jsonl and write index.html (also `t2i batch --merge`)."""
+    records = outputs.merge_manifests(out)
+    write_gallery(out, records)
+    return records
+
+
+def _resolve_defaults(job: BatchJob, pipe) -> JobDefaults:
+    saved = pipe.defaults
+    return JobDefaults(
+        negative_prompt=job.negative_prompt, seed=job.seed,
+        steps=job.steps if job.steps is not None else saved["num_inference_steps"],
+        guidance=float(job.guidance if job.guidance is not None else saved["guidance_scale"]),
+        sampler=job.sampler or saved["sampler"],
+        height=job.height or pipe.default_size, width=job.width or pipe.default_size, num_images=job.num_images)
+
+
+def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: ImageWriter,
+                   force: bool) -> list[ImageTask]:
+    """The tasks without a finished image; finished images missing from the manifest are recorded now."""
+    records = outputs.all_records(out)
+    pending, stale = [], []
+    for task in tasks:
+        path = out / task.file
+        outputs.temporary_path(path).unlink(missing_ok=True)
+        if not path.is_file():
+            pending.append(task)
+            continue
+        record = records.get((task.id, task.k))
+        expected = writer.record(task)
+        if record is not None and all(record.get(key) == value for key, value in expected.items()):
+            continue
+        if _embedded_parameters(path) == format_parameters(task, model["name"], model["hash"]):
+            writer.record_existing(task, path)
+        else:
+            stale.append(task)
+    if stale and not force:
+        raise T2IError(f"{len(stale)} image(s) in '{out}' were made with other parameters than their items now ask "
+                       f"for (first: {stale[0].file}); give changed items new ids, use another --out, or --force "
+                       "to remake them")
+    return pending + stale
+
+
+def _embedded_parameters(path: Path) -> str | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.info.get("parameters")
+    except OSError:
+        return None
+
+
+def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    encoder = PromptEncoder(pipe)
+    with tqdm(total=len(tasks), unit="img", desc="t2i batch", disable=not progress or not tasks) as bar:
+        for batch in plan_batches(tasks, batch_size):
+            padded = batch + [batch[-1]] * (batch_size - len(batch))  # a full batch: same math for every image
+            first = batch[0]
+            context = encoder.encode([task.prompt for task in padded])
+            negative = encoder.encode([task.negative_prompt for task in padded]) if first.guidance != 1.0 else None
+            latents = pipe.denoise(context, negative, [task.seed for task in padded], first.steps, first.guidance,
+                                   first.height, first.width, first.sampler)
+            writer.submit(batch, pipe.decode(latents)[:len(batch)])
+            bar.update(len(batch))
+
+
+def plan_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
+    """Tasks grouped by (size, steps, sampler, guidance), in file order within a group, cut into batches."""
+    groups: dict[tuple, list[ImageTask]] = {}
+    for task in tasks:
+        groups.setdefault(task.group, []).append(task)
+    return [group[start:start + batch_size] for _, group in sorted(groups.items())
+            for start in range(0, len(group), batch_size)]
+
+
+class PromptEncoder:
+    """Token states per distinct prompt, each encoded alone (so equal whatever it is batched with) and cached."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.cache: OrderedDict[str, object] = OrderedDict()
+
+    def encode(self, prompts: list[str]):
+        import torch
+
+        states = []
+        for prompt in prompts:
+            if prompt in self.cache:
+                self.cache.move_to_end(prompt)
+            else:
+                self.cache[prompt] = self.pipe.encode_prompts([prompt])
+                if len(self.cache) > PROMPT_CACHE_SIZE:
+                    self.cache.popitem(last=False)
+            states.append(self.cache[prompt])
+        return torch.cat(states)

@@ -1,0 +1,349 @@
+"""t2i batch on a tiny saved pipeline: items and ids, bad input, outputs, resume after SIGKILL, batch-size and order
+independence, 2-process sharding, --from-image, --merge, and the gallery in a headless browser."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i.cli import main
+from t2i.errors import T2IError
+from t2i.jobs.items import JobDefaults, read_items
+from t2i.jobs.parameters import format_parameters, parse_parameters
+from t2i.jobs.processes import owner_rank
+from t2i.jobs.run import BatchJob, run_batch_job
+
+from conftest import REPO
+
+PROMPTS = ["a large red circle", "a small blue square", "a white triangle at the top", "a green circle",
+           "a yellow square on the left"]
+DEFAULTS = JobDefaults(negative_prompt="", seed=0, steps=2, guidance=3.0, sampler="dpmpp_2m", height=32, width=32,
+                       num_images=1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread here and in the subprocesses: the jobs compare pixels across processes, and on a busy
+    2-core machine two OpenMP threads spent most of their time waiting for each other (docs/batch.md)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_pipeline, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("batch") / "pipe"
+    tiny_pipeline.save_pretrained(path)
+    return path
+
+
+def write(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def run(model, prompts, out, **options) -> object:
+    return run_batch_job(BatchJob(model, prompts, out, device="cpu", progress=False, **{"steps": 2, **options}))
+
+
+def images_of(out: Path) -> dict[str, np.ndarray]:
+    return {path.name: np.asarray(Image.open(path)).astype(np.int16) for path in sorted((out / "images").glob("*"))}
+
+
+def manifest_of(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------- items
+
+def test_txt_lines_are_items_blank_lines_are_skipped_and_ids_survive_reordering(tmp_path):
+    forward, _ = read_items(write(tmp_path / "a.txt", ["a red circle", "", "  ", "a blue square", "a red circle"]),
+                            DEFAULTS, 8)
+    backward, _ = read_items(write(tmp_path / "b.txt", ["a blue square", "a red circle", "a red circle"]), DEFAULTS, 8)
+    assert [item.line for item in forward] == [1, 4, 5]
+    assert len({item.id for item in forward}) == 3  # the repeated line is an item of its own
+    assert {item.id for item in forward} == {item.id for item in backward}
+    assert all(len(item.id) == 12 and item.id.isalnum() for item in forward)
+
+
+def test_fields_from_jsonl_and_csv_agree_and_the_defaults_fill_the_rest(tmp_path):
+    jsonl, _ = read_items(write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "steps": 3, "guidance": 2.5},
+                                                      {"prompt": "a blue square", "id": "blue", "seed": 7}]),
+                          DEFAULTS, 8)
+    csv, _ = read_items(write(tmp_path / "p.csv", ["prompt,steps,guidance,id,seed", "a red circle,3,2.5,,",
+                                                   "a blue square,,,blue,7"]), DEFAULTS, 8)
+    assert [(i.id, i.steps, i.guidance, i.seed, i.sampler) for i in jsonl] == \
+        [(i.id, i.steps, i.guidance, i.seed, i.sampler) for i in csv]
+    assert (jsonl[0].steps, jsonl[0].guidance, jsonl[0].sampler, jsonl[0].seed) == (3, 2.5, "dpmpp_2m", None)
+    assert (jsonl[1].id, jsonl[1].seed, jsonl[1].steps) == ("blue", 7, 2)
+
+
+@pytest.mark.parametrize("bad_id", ["../evil", "a/b", "a\\b", "..", ".hidden", "", "x" * 65, "a b", "a..b", 3])
+def test_unsafe_ids_are_invalid(tmp_path, bad_id):
+    items, problems = read_items(write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "id": bad_id}]), DEFAULTS, 8)
+    assert items == [] and len(problems) == 1 and "not a safe file name" in str(problems[0])
+
+
+BAD_LINES = [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "expected a JSON object"),
+    ({"prompt": "a red circle", "colour": "red"}, "unknown key 'colour'"),
+    ({"prompt": "   "}, "empty prompt"),
+    ({"negative_prompt": "blurry"}, "empty prompt"),
+    ({"prompt": "a red circle", "height": 31}, "height 31 is not a positive multiple of the VAE's latent factor 2"),
+    ({"prompt": "a red circle", "width": 0}, "width 0 is not a positive multiple"),
+    ({"prompt": "a red circle", "steps": 0}, "steps must be at least 1"),
+    ({"prompt": "a red circle", "steps": -3}, "steps must be at least 1"),
+    ({"prompt": "a red circle", "sampler": "plms"}, "unknown sampler 'plms'"),
+    ({"prompt": "a red circle", "seed": "7"}, "seed must be an integer"),
+    ({"prompt": "a red circle", "num_images": 0}, "num_images must be at least 1"),
+    ({"prompt": "a red circle", "id": "x/y"}, "id 'x/y' is not a safe file name"),
+    ({"prompt": "a blue square", "id": "first"}, "duplicate id 'first' (first on line 1)"),
+]
+
+
+def test_every_bad_line_is_listed_with_its_line_number_and_nothing_is_written(model, tmp_path):
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "id": "first"}, *[line for line, _ in BAD_LINES]])
+    out = tmp_path / "out"
+    with pytest.raises(T2IError) as error:
+        run(model, prompts, out)
+    for number, (_, message) in enumerate(BAD_LINES, 2):
+        assert f"line {number}: {message}" in str(error.value)
+    assert f"{len(BAD_LINES)} invalid line(s)" in str(error.value)
+    assert not out.exists()
+
+
+def test_csv_with_an_unknown_column_or_a_short_row_is_refused(model, tmp_path):
+    _, problems = read_items(write(tmp_path / "a.csv", ["prompt,colour", "a red circle,red"]), DEFAULTS, 8)
+    assert [str(problem) for problem in problems] == ["line 1: unknown column 'colour'; known: id, prompt, "
+                                                      "negative_prompt, seed, steps, guidance, sampler, height, "
+                                                      "width, num_images"]
+    _, problems = read_items(write(tmp_path / "b.csv", ["prompt,steps", "a red circle,2,9", "", "x,two"]), DEFAULTS, 8)
+    assert [str(problem) for problem in problems] == ["line 2: 3 cells for 2 columns",
+                                                      "line 4: steps must be an integer, got 'two'"]
+
+
+def test_skip_invalid_reports_the_bad_lines_and_runs_the_rest(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": "a red circle"}, {"prompt": ""}, {"prompt": "a blue square"}])
+    summary = run(model, prompts, tmp_path / "out", skip_invalid=True)
+    assert (summary.generated, summary.invalid_lines) == (2, 1)
+    assert "line 2: empty prompt" in capsys.readouterr().err
+    assert len(manifest_of(tmp_path / "out")) == 2
+
+
+def test_a_missing_or_unknown_prompt_file_is_one_clear_error(model, tmp_path, capsys):
+    assert main(["batch", "--model", str(model), "--prompts", str(tmp_path / "no.txt"), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "prompt file" in capsys.readouterr().err
+    (tmp_path / "p.yaml").write_text("- a red circle\n")
+    assert main(["batch", "--model", str(model), "--prompts", str(tmp_path / "p.yaml"), "--out",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "must end in .txt, .jsonl or .csv" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------- outputs
+
+def test_outputs_png_parameters_manifest_and_job_file(model, tmp_path):
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": "a red circle, big", "negative_prompt": "blurry", "id": "red",
+                                            "seed": 5, "num_images": 2}, {"prompt": "a blue square"}])
+    out = tmp_path / "out"
+    run(model, prompts, out, guidance=2.5, sampler="euler")
+    records = manifest_of(out)
+    assert [(r["id"], r["k"]) for r in records] == sorted((r["id"], r["k"]) for r in records)
+    assert [r["seed"] for r in records if r["id"] == "red"] == [5, 6]
+    for record in records:
+        data = (out / record["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+        assert {"prompt", "negative_prompt", "steps", "guidance", "sampler", "height", "width", "model",
+                "model_hash"} <= set(record)
+    text = Image.open(out / "images" / "red-1.png").info["parameters"]
+    assert text.startswith('a red circle, big\nNegative prompt: blurry\nSteps: 2, Sampler: Euler, CFG scale: 2.5, '
+                           'Seed: 6, Size: 32x32, Model hash: ')
+    assert parse_parameters(text)["prompt"] == "a red circle, big"
+    job = json.loads((out / "job.json").read_text())
+    assert job["defaults"]["guidance"] == 2.5 and job["model_hash"] == records[0]["model_hash"]
+    assert not list(out.glob("manifest.rank-*")) and not list((out / "images").glob(".*"))
+
+
+def test_rerun_with_other_defaults_is_refused_unless_forced(model, tmp_path):
+    prompts = write(tmp_path / "p.txt", ["a red circle"])
+    out = tmp_path / "out"
+    run(model, prompts, out)
+    before = manifest_of(out)
+    with pytest.raises(T2IError, match="another defaults"):
+        run(model, prompts, out, steps=3)
+    summary = run(model, prompts, out, steps=3, force=True)
+    assert summary.generated == 1
+    after = manifest_of(out)
+    assert after[0]["steps"] == 3 and after[0]["sha256"] != before[0]["sha256"]
+
+
+def test_a_changed_item_under_an_old_id_is_refused_unless_forced(model, tmp_path):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "id": "one"}]), out)
+    changed = write(tmp_path / "q.jsonl", [{"prompt": "a blue square", "id": "one"}])
+    with pytest.raises(T2IError, match="made with other parameters"):
+        run(model, changed, out)
+    run(model, changed, out, force=True)
+    assert manifest_of(out)[0]["prompt"] == "a blue square"
+
+
+def test_parameters_text_round_trips_awkward_values():
+    from t2i.jobs.items import ImageTask
+
+    task = ImageTask("x", 0, 123, 'a "red", circle: big\nsecond line', "no: blur, please", 7, 0.1 + 0.2, "euler_a",
+                     48, 64)
+    parsed = parse_parameters(format_parameters(task, "model, v2", "abcdef0123"))
+    assert (parsed["prompt"], parsed["negative_prompt"], parsed["guidance"], parsed["sampler"]) == \
+        (task.prompt, task.negative_prompt, task.guidance, "euler_a")
+    assert (parsed["height"], parsed["width"], parsed["seed"], parsed["model"]) == (48, 64, 123, "model, v2")
+
+
+# ----------------------------------------------------------------- identity and resume
+
+def test_same_images_whatever_the_order_and_the_batch_size(model, tmp_path):
+    items = [{"prompt": p, "num_images": 2} for p in PROMPTS] + [{"prompt": "a red circle", "steps": 3}]
+    run(model, write(tmp_path / "a.jsonl", items), tmp_path / "a", batch_size=3)
+    run(model, write(tmp_path / "b.jsonl", items[::-1]), tmp_path / "b", batch_size=3)
+    run(model, write(tmp_path / "c.jsonl", items), tmp_path / "c", batch_size=1)
+    a, b, c = (images_of(tmp_path / name) for name in "abc")
+    assert len(a) == 11 and a.keys() == b.keys() == c.keys()
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    assert manifest_of(tmp_path / "a") == manifest_of(tmp_path / "b")
+    assert max(np.abs(a[name] - c[name]).max() for name in a) <= 2
+
+
+def test_resume_makes_only_what_is_missing_and_repairs_a_cut_manifest(model, tmp_path):
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    run(model, prompts, out, batch_size=2, num_images=2)
+    reference_images, reference_manifest = images_of(out), manifest_of(out)
+
+    # A crash's leftovers: two images never written, one half-written temporary, a cut manifest line, and an
+    # image whose record never made it to the manifest.
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    names = [record["file"] for record in reference_manifest]
+    for name in names[:2]:
+        (out / name).unlink()
+    (out / "images" / f".{Path(names[0]).name}.tmp").write_bytes(b"\x89PNG half")
+    (out / "manifest.jsonl").unlink()
+    (out / "manifest.rank-0.jsonl").write_text("".join(lines[2:-2]) + lines[-1][:25])
+
+    summary = run(model, prompts, out, batch_size=2, num_images=2)
+    assert (summary.generated, summary.already_done) == (2, 8)
+    assert images_of(out).keys() == reference_images.keys()
+    assert all(np.array_equal(images_of(out)[name], reference_images[name]) for name in reference_images)
+    assert manifest_of(out) == reference_manifest
+    assert not list((out / "images").glob(".*"))
+
+
+def _saved_command(model, prompts, out, *options) -> list[str]:
+    return [sys.executable, "-m", "t2i.cli", "batch", "--model", str(model), "--prompts", str(prompts),
+            "--out", str(out), "--steps", "2", "--device", "cpu", *options]
+
+
+def _environment(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_a_job_killed_with_sigkill_resumes_without_losing_or_duplicating(model, tmp_path):
+    prompts = write(tmp_path / "p.txt", [f"{p} number {i}" for i in range(4) for p in PROMPTS[:4]])  # 16 items
+    out = tmp_path / "out"
+    # Steps high enough that the job is still running when the first images land.
+    job = subprocess.Popen(_saved_command(model, prompts, out, "--steps", "12", "--batch-size", "2"),
+                           env=_environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(list((out / "images").glob("*.png"))) < 4:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done_before = len(list((out / "images").glob("*.png")))
+    assert 4 <= done_before < 16, "the job was not killed mid-way"
+    assert not (out / "index.html").exists()
+
+    summary = run(model, prompts, out, steps=12, batch_size=2)
+    assert summary.generated == 16 - done_before
+    run(model, prompts, tmp_path / "whole", steps=12, batch_size=2)
+    assert manifest_of(out) == manifest_of(tmp_path / "whole")
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (tmp_path / "whole" /
+                                                                                         "images").iterdir())
+    assert len({(r["id"], r["k"]) for r in manifest_of(out)}) == 16
+
+
+def test_two_processes_share_the_items_without_overlap(model, tmp_path):
+    prompts = write(tmp_path / "p.txt", [f"{p} {i}" for i in range(2) for p in PROMPTS])
+    out = tmp_path / "out"
+    port = str(29500 + os.getpid() % 1000)
+    jobs = [subprocess.Popen(_saved_command(model, prompts, out, "--batch-size", "2"),
+                             env=_environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                                              LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                              GLOO_SOCKET_IFNAME="lo"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(2)]
+    outputs = [job.communicate(timeout=120)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    shares = [int(text.strip().splitlines()[-1].split()[0]) for text in outputs]
+    assert sorted(shares) != [0, 10] and sum(shares) == 10
+    # Both sides run 1 thread (fixture one_thread): thread counts, like batch sizes, may change a sum's last bits.
+    run(model, prompts, tmp_path / "one", batch_size=2)
+    assert manifest_of(out) == manifest_of(tmp_path / "one")
+    assert not list(out.glob("manifest.rank-*"))
+    ranks = {owner_rank(record["id"], 2) for record in manifest_of(out)}
+    assert ranks == {0, 1}
+
+
+def test_merge_folds_leftover_shards_into_the_manifest(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", PROMPTS[:3]), out)
+    records = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text(records[0])
+    (out / "manifest.rank-0.jsonl").write_text(records[1])
+    (out / "manifest.rank-1.jsonl").write_text(records[2] + records[1])
+    assert main(["batch", "--merge", str(out)]) == 0
+    assert (out / "manifest.jsonl").read_text() == "".join(records)
+    assert not list(out.glob("manifest.rank-*"))
+
+
+def test_generate_from_image_gives_the_same_pixels(model, tmp_path):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "negative_prompt": "blue", "seed": 9,
+                                             "sampler": "euler_a", "guidance": 2.25}]), out, batch_size=1)
+    original = next((out / "images").glob("*.png"))
+    again = tmp_path / "again.png"
+    assert main(["generate", "--model", str(model), "--from-image", str(original), "--out", str(again),
+                 "--device", "cpu"]) == 0
+    assert np.array_equal(np.asarray(Image.open(original)), np.asarray(Image.open(again)))
+
+
+# ----------------------------------------------------------------- gallery
+
+def test_gallery_loads_every_image_in_headless_chromium(model, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("no chromium binary on PATH (apt-get install chromium) to open index.html in")
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", PROMPTS + ["<b>a tag</b> & an ampersand"]), out)
+    (out / "images" / "not-there.png").unlink(missing_ok=True)
+
+    def broken_images() -> str:
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                              "--disable-component-update", "--disable-sync", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom",
+                              (out / "index.html").as_uri()], capture_output=True, text=True, timeout=60).stdout
+        return dom.split('data-broken-images="', 1)[1].split('"', 1)[0]
+
+    assert broken_images() == "0"
+    assert "&lt;b&gt;a tag&lt;/b&gt; &amp; an ampersand" in (out / "index.html").read_text()
+    next((out / "images").glob("*.png")).unlink()
+    assert broken_images() == "1"  # the check itself can fail
