@@ -218,6 +218,8 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0
+    # Also sample (and, for stage finetune, score the held-out loss) before the first step: the starting point.
+    sample_at_start: bool = False
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     # Optimiser steps with a non-finite loss or gradient to skip (no update, as fp16 loss scaling does) before the

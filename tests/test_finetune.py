@@ -39,7 +39,7 @@ def test_lora_finetune_quarantines_the_bad_files_and_saves_a_loadable_pipeline(t
                    for line in (out / "quarantine.jsonl").read_text().splitlines()}
     assert quarantined == folder.bad
     records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "validation_loss" in r] == [2, 4]
+    assert [r["step"] for r in records if "validation_loss" in r] == [0, 2, 4]  # before training, then every 2
     assert (out / "finetune" / "samples" / "step_0000002.png").is_file()
     assert (out / "finetune" / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert not any("lora" in key for key in load_file(out / FINETUNED))  # merged: loadable without peft

@@ -147,6 +147,8 @@ class TrainLoop:
         progress = tqdm(total=config.steps, initial=self.state.step, desc=self.stage.name,
                         disable=not self.is_main, dynamic_ncols=True)
         started = time.perf_counter()
+        if config.sample_at_start and self.state.step == 0:
+            self._log_extra(self._sample(), tensorboard)
         try:
             while self.state.step < config.steps:
                 logged, stop_signal = self.run_step()
@@ -270,7 +272,11 @@ class TrainLoop:
 
     def _sample_if_due(self) -> dict | None:
         every = self.config.sample_every
-        if not (every and self.state.step % every == 0 and self.is_main):
+        return self._sample() if every and self.state.step % every == 0 else None
+
+    def _sample(self) -> dict | None:
+        """A sample grid of the current (EMA) weights, and what the stage measured with them (main process)."""
+        if not self.is_main:
             return None
         try:
             with _ema_applied(self.ema, self._parameters()):
