@@ -1,4 +1,4 @@
-"""The `t2i` command: demo, train, generate. Each command parses its options and calls one library function.
+"""The `t2i` command: demo, train, generate, export. Each command parses its options and calls one library function.
 
 Only the standard library and t2i's plain modules are imported at the top, so that `t2i --help` answers
 without loading torch or diffusers; each command imports what it uses.
@@ -72,6 +72,22 @@ def _parser() -> argparse.ArgumentParser:
                           help="output PNG; with several images, NAME-0.png, NAME-1.png, ... (default: t2i.png)")
     generate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                           help="where to run (default: auto)")
+    generate.add_argument("--allow-pickle", action="store_true",
+                          help="load pickle weight files (.bin, .ckpt, .pt, .pth), which can run code when loaded; "
+                               "only for files you trust (default: safetensors only)")
+
+    export = commands.add_parser(
+        "export", help="write a pipeline as a diffusers Stable Diffusion folder",
+        description="Write the t2i (or diffusers) pipeline folder MODEL to OUT in diffusers' Stable Diffusion "
+                    "layout, which diffusers.StableDiffusionPipeline.from_pretrained(OUT) loads and runs with the "
+                    "same images. An open_clip text encoder becomes a CLIPTextModel + CLIPTokenizer, with clip_skip "
+                    "built in.")
+    export.add_argument("--model", type=Path, required=True, help="pipeline folder to export (t2i or diffusers SD)")
+    export.add_argument("--out", type=Path, required=True, help="the diffusers folder to write (replaced whole)")
+    export.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help="the scheduler written to OUT/scheduler (default: the pipeline's sampler)")
+    export.add_argument("--allow-pickle", action="store_true",
+                        help="read pickle weight files, which can run code when loaded; only for files you trust")
     return parser
 
 
@@ -113,7 +129,7 @@ def _generate(args) -> None:
 
     if args.num_images < 1:
         raise T2IError(f"--num-images must be at least 1; got {args.num_images}")
-    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device)
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   sampler=args.sampler, progress=True)
@@ -123,6 +139,12 @@ def _generate(args) -> None:
     for image, path in zip(images, paths):
         image.save(path)
         print(path)
+
+
+def _export(args) -> None:
+    from t2i.pipeline.export import export_folder
+
+    print(f"diffusers pipeline written to {export_folder(args.model, args.out, args.sampler, args.allow_pickle)}")
 
 
 def _quiet_libraries() -> None:
@@ -154,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
     previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
-        {"demo": _demo, "train": _train, "generate": _generate}[args.command](args)
+        {"demo": _demo, "train": _train, "generate": _generate, "export": _export}[args.command](args)
     except TrainingInterrupted as stopped:
         print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
         return stopped.exit_code

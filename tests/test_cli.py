@@ -13,7 +13,8 @@ OPTIONS = {
     "demo": ["--out", "--device", "--config", "--set"],
     "train": ["config", "--set", "--resume"],
     "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
-                 "--height", "--width", "--out", "--device"],
+                 "--height", "--width", "--out", "--device", "--allow-pickle"],
+    "export": ["--model", "--out", "--sampler", "--allow-pickle"],
 }
 
 
