@@ -144,11 +144,13 @@ class HFClipTextEncoder(nn.Module):
         for folder in (model_folder, tokenizer_folder):
             if not folder.is_dir():
                 raise T2IError(f"text encoder folder '{folder}' does not exist")
+        # Missing or mismatched tensors would be left randomly initialised; they are reported below instead.
         model, info = CLIPTextModel.from_pretrained(model_folder, use_safetensors=None if allow_pickle else True,
-                                                    output_loading_info=True)
-        if info["missing_keys"]:  # transformers would leave them randomly initialised
-            raise T2IError(f"the text encoder weights in '{model_folder}' lack {len(info['missing_keys'])} tensors "
-                           f"of its config (e.g. {sorted(info['missing_keys'])[0]}): the config does not match them")
+                                                    output_loading_info=True, ignore_mismatched_sizes=True)
+        unmatched = sorted(map(str, [*info["missing_keys"], *info["mismatched_keys"]]))
+        if unmatched:
+            raise T2IError(f"the text encoder config '{model_folder / 'config.json'}' does not match its weights: "
+                           f"{len(unmatched)} tensors are missing or of another shape (e.g. {unmatched[0]})")
         return cls(model, CLIPTokenizer.from_pretrained(tokenizer_folder), clip_skip)
 
     def tokenize(self, prompts: list[str]) -> Tokens:

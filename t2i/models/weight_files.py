@@ -77,6 +77,6 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    reason = lines[0]
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    reason = " ".join(lines[:2])  # torch's state-dict errors say what is wrong on their second line
     return reason if len(reason) <= REASON_MAX_CHARS else reason[:REASON_MAX_CHARS] + "…"

@@ -63,6 +63,7 @@ def _load_t2i(path: Path, allow_pickle: bool) -> dict:
 
 
 def _load_diffusers(path: Path, allow_pickle: bool) -> dict:
+    weight_files.check_json(path / DIFFUSERS_INDEX, path)
     _require(path, "vae", "unet", "text_encoder", "tokenizer", str(SCHEDULER_CONFIG))
     return {
         "vae": _load_diffusers_model(AutoencoderKL, path, "vae", allow_pickle),
