@@ -11,6 +11,7 @@ from transformers import CLIPTokenizer
 from t2i import Text2ImagePipeline
 from t2i.cli import main
 from t2i.config import load_config
+from t2i.errors import T2IError
 from t2i.data.shapes import prompt_suite
 from t2i.models.convert import open_clip_tokenizer, to_clip_text_model
 from t2i.models.text_encoder import OpenClipTextEncoder
@@ -117,3 +118,11 @@ def test_export_replaces_the_folder_whole(tmp_path):
     export_diffusers(build_tiny_pipeline(), out)
     assert not (out / "stale.txt").exists() and (out / "model_index.json").is_file()
     assert not (tmp_path / "sd.tmp").exists()
+
+
+def test_a_unet_with_adapters_is_refused_until_lora_export_exists(tmp_path):
+    pipe = build_tiny_pipeline()
+    pipe.unet.peft_config = {"default": object()}  # what peft's inject_adapter leaves on a model
+    with pytest.raises(T2IError, match="LoRA adapters"):
+        export_diffusers(pipe, tmp_path / "sd")
+    assert not (tmp_path / "sd").exists()

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 
 from t2i.atomic import write_folder
 from t2i.diffusion.samplers import SAMPLERS, make_scheduler
+from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model
 from t2i.pipeline.pipeline import Text2ImagePipeline
 from t2i.pipeline.storage import SCHEDULER_CONFIG
@@ -27,6 +28,7 @@ def export_folder(model: str | Path, out: str | Path, sampler: str | None = None
 
 def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | None = None) -> Path:
     """Write `pipe` to `out` in diffusers' Stable Diffusion layout, with `sampler` (default: the pipeline's)."""
+    check_no_adapters(pipe)
     out = Path(out)
     sampler = sampler or pipe.defaults["sampler"]
     text_encoder, tokenizer = to_clip_text_model(pipe.text_encoder)
@@ -37,7 +39,6 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     with write_folder(out, "the diffusers pipeline") as staging:
         exported.save_pretrained(staging, safe_serialization=True)
         _write_scheduler_config(staging, sampler, pipe.scheduler_config)
-        write_adapters(pipe, staging)
     return out
 
 
@@ -53,8 +54,13 @@ def _write_scheduler_config(folder: Path, sampler: str, scheduler_config: dict) 
     (folder / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2))
 
 
-def write_adapters(pipe: Text2ImagePipeline, folder: Path) -> None:
-    """The hook for LoRA export: write the pipeline's adapters where diffusers' `load_lora_weights` reads them.
+def check_no_adapters(pipe: Text2ImagePipeline) -> None:
+    """The hook for LoRA export, which is not built yet: refuse a U-Net carrying peft adapters.
 
-    t2i pipelines carry no adapters yet, so there is nothing to write; LoRA fine-tuning fills this in.
+    Saved as it is, such a U-Net would mix adapter tensors into the base weights' file. LoRA export goes here:
+    write the adapters with `StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=...)`, the
+    layout diffusers' `load_lora_weights` reads, beside (or merged into) the base weights.
     """
+    if getattr(pipe.unet, "peft_config", None):
+        raise T2IError("this pipeline's U-Net carries LoRA adapters, and exporting them is not supported yet; "
+                       "merge them into the U-Net first")
