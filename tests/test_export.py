@@ -46,6 +46,11 @@ def test_stable_diffusion_pipeline_draws_the_same_images(tmp_path, layers, clip_
 
     reference = StableDiffusionPipeline.from_pretrained(out)
     reference.set_progress_bar_config(disable=True)
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {path.name for path in (out / "tokenizer").iterdir()}
+    slow_files = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"),
+                               pad_token="<|pad|>", model_max_length=16)
+    assert slow_files(PROMPTS, padding="max_length", truncation=True).input_ids == \
+        reference.tokenizer(PROMPTS, padding="max_length", truncation=True).input_ids
     assert reference.text_encoder.config.num_hidden_layers == layers - clip_skip
     generators = [torch.Generator("cpu").manual_seed(5 + i) for i in range(len(PROMPTS))]
     expected = reference(PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=4, guidance_scale=3.0,

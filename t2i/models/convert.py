@@ -7,7 +7,9 @@ token + position embeddings through the final layer norm.
 """
 from __future__ import annotations
 
+import json
 import tempfile
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -43,6 +45,13 @@ def open_clip_tokenizer(context_length: int) -> CLIPTokenizer:
         tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), pad_token=PAD_TOKEN,
                                   model_max_length=context_length)
     return tokenizer
+
+
+def write_vocab_and_merges(folder: Path) -> None:
+    """vocab.json (with PAD_TOKEN) and merges.txt beside tokenizer.json, for CLIPTokenizers that read only these."""
+    files = write_hf_tokenizer_files(folder)
+    vocab = json.loads((files / "vocab.json").read_text())
+    (files / "vocab.json").write_text(json.dumps({**vocab, PAD_TOKEN: len(vocab)}))
 
 
 def _open_clip_text_model(encoder: OpenClipTextEncoder) -> CLIPTextModel:

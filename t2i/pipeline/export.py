@@ -15,7 +15,8 @@ from diffusers import StableDiffusionPipeline
 from t2i.atomic import write_folder
 from t2i.diffusion.samplers import SAMPLERS, make_scheduler
 from t2i.errors import T2IError
-from t2i.models.convert import to_clip_text_model
+from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
+from t2i.models.text_encoder import OpenClipTextEncoder
 from t2i.pipeline.pipeline import Text2ImagePipeline
 from t2i.pipeline.storage import SCHEDULER_CONFIG
 
@@ -39,6 +40,8 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     with write_folder(out, "the diffusers pipeline") as staging:
         exported.save_pretrained(staging, safe_serialization=True)
         _write_scheduler_config(staging, sampler, pipe.scheduler_config)
+        if isinstance(pipe.text_encoder, OpenClipTextEncoder):
+            write_vocab_and_merges(staging / "tokenizer")
     return out
 
 
