@@ -14,7 +14,7 @@ import sys
 import time
 
 TARGET_RATIO = 0.25
-HELP_COMMANDS = [[], ["demo"], ["train"], ["generate"]]
+HELP_COMMANDS = [[], ["demo"], ["train"], ["finetune"], ["generate"], ["batch"], ["export"]]
 
 
 def wall_time(argv: list[str]) -> float:

@@ -1,4 +1,5 @@
-"""The `t2i` command: demo, train, generate, batch. Each command parses its options and calls one library function.
+"""The `t2i` command: demo, train, finetune, generate, batch, export. Each command parses its options and
+calls one library function.
 
 Only the standard library and t2i's plain modules are imported at the top, so that `t2i --help` answers
 without loading torch or diffusers; each command imports what it uses.
@@ -115,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--from-image", type=Path, default=None, metavar="PNG",
                           help="take prompt, negative prompt, steps, sampler, guidance, seed and size from the "
                                "parameters embedded in PNG (by t2i batch or A1111) instead of the options")
+    generate.add_argument("--allow-pickle", action="store_true",
+                          help="load pickle weight files (.bin, .ckpt, .pt, .pth), which can run code when loaded; "
+                               "only for files you trust (default: safetensors only)")
 
     batch = commands.add_parser(
         "batch", help="generate images for every line of a prompt file; resumable and shardable",
@@ -149,6 +153,19 @@ def _parser() -> argparse.ArgumentParser:
                        help="where to run, with one process (default: auto)")
     batch.add_argument("--merge", type=Path, default=None, metavar="DIR",
                        help="only merge DIR's manifest shards into manifest.jsonl and rewrite its index.html")
+
+    export = commands.add_parser(
+        "export", help="write a pipeline as a diffusers Stable Diffusion folder",
+        description="Write the t2i (or diffusers) pipeline folder MODEL to OUT in diffusers' Stable Diffusion "
+                    "layout, which diffusers.StableDiffusionPipeline.from_pretrained(OUT) loads and runs with the "
+                    "same images. An open_clip text encoder becomes a CLIPTextModel + CLIPTokenizer, with clip_skip "
+                    "built in.")
+    export.add_argument("--model", type=Path, required=True, help="pipeline folder to export (t2i or diffusers SD)")
+    export.add_argument("--out", type=Path, required=True, help="the diffusers folder to write (replaced whole)")
+    export.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help="the scheduler written to OUT/scheduler (default: the pipeline's sampler)")
+    export.add_argument("--allow-pickle", action="store_true",
+                        help="read pickle weight files, which can run code when loaded; only for files you trust")
     return parser
 
 
@@ -223,7 +240,7 @@ def _generate(args) -> None:
         _take_parameters_from_image(args)
     elif args.prompt is None:
         raise T2IError("give a prompt, or --from-image PNG")
-    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device)
+    pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   sampler=args.sampler, progress=True)
@@ -268,6 +285,11 @@ def _batch(args) -> None:
           f"{summary.already_done} already done, {summary.invalid_lines} invalid lines skipped; "
           f"{args.out / 'manifest.jsonl'}, {args.out / 'index.html'}")
 
+def _export(args) -> None:
+    from t2i.pipeline.export import export_folder
+
+    print(f"diffusers pipeline written to {export_folder(args.model, args.out, args.sampler, args.allow_pickle)}")
+
 
 def _quiet_libraries() -> None:
     """Show t2i's own warnings (e.g. prompt truncation) plainly; keep the libraries' chatter out."""
@@ -299,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     # Outside a training loop (which saves a checkpoint first), SIGTERM stops like Ctrl-C: cleanly, at once.
     previous = signal.signal(signal.SIGTERM, _stop_now)
     try:
-        commands = {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate, "batch": _batch}
+        commands = {"demo": _demo, "train": _train, "finetune": _finetune, "generate": _generate, "batch": _batch,
+                    "export": _export}
         commands[args.command](args)
     except TrainingInterrupted as stopped:
         print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)

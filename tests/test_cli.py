@@ -16,9 +16,10 @@ OPTIONS = {
                  "--validation-prompts", "--checkpoint-every", "--image-column", "--caption-column",
                  "--allow-pickle", "--device", "--config", "--set", "--resume"],
     "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
-                 "--height", "--width", "--out", "--device", "--from-image"],
+                 "--height", "--width", "--out", "--device", "--from-image", "--allow-pickle"],
     "batch": ["--model", "--prompts", "--out", "--batch-size", "--steps", "--guidance", "--sampler", "--negative",
               "--seed", "--height", "--width", "--num-images", "--skip-invalid", "--force", "--device", "--merge"],
+    "export": ["--model", "--out", "--sampler", "--allow-pickle"],
 }
 
 

@@ -135,7 +135,8 @@ class HFClipTextEncoder(nn.Module):
 
     @classmethod
     def from_folders(cls, model_folder: str | Path, tokenizer_folder: str | Path | None = None,
-                     clip_skip: int = 0) -> "HFClipTextEncoder":
+                     clip_skip: int = 0, allow_pickle: bool = False) -> "HFClipTextEncoder":
+        """Load from safetensors weights; pickle weights (which can run code) only when `allow_pickle`."""
         from transformers import CLIPTextModel, CLIPTokenizer
 
         model_folder = Path(model_folder)
@@ -143,8 +144,14 @@ class HFClipTextEncoder(nn.Module):
         for folder in (model_folder, tokenizer_folder):
             if not folder.is_dir():
                 raise T2IError(f"text encoder folder '{folder}' does not exist")
-        return cls(CLIPTextModel.from_pretrained(model_folder), CLIPTokenizer.from_pretrained(tokenizer_folder),
-                   clip_skip)
+        # Missing or mismatched tensors would be left randomly initialised; they are reported below instead.
+        model, info = CLIPTextModel.from_pretrained(model_folder, use_safetensors=None if allow_pickle else True,
+                                                    output_loading_info=True, ignore_mismatched_sizes=True)
+        unmatched = sorted(map(str, [*info["missing_keys"], *info["mismatched_keys"]]))
+        if unmatched:
+            raise T2IError(f"the text encoder config '{model_folder / 'config.json'}' does not match its weights: "
+                           f"{len(unmatched)} tensors are missing or of another shape (e.g. {unmatched[0]})")
+        return cls(model, CLIPTokenizer.from_pretrained(tokenizer_folder), clip_skip)
 
     def tokenize(self, prompts: list[str]) -> Tokens:
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.context_length, truncation=True,

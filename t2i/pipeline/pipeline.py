@@ -65,9 +65,13 @@ class Text2ImagePipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
-        """Load a t2i pipeline folder or a diffusers-format Stable Diffusion folder."""
-        pipe = cls(**storage.load_components(Path(path)))
+                        dtype: torch.dtype | None = None, allow_pickle: bool = False) -> "Text2ImagePipeline":
+        """Load a t2i pipeline folder or a diffusers-format Stable Diffusion folder.
+
+        Weights are read from safetensors; pickle weight files, which can run code when loaded, are refused
+        unless `allow_pickle`.
+        """
+        pipe = cls(**storage.load_components(Path(path), allow_pickle))
         return pipe.to(device, dtype)
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -13,23 +13,26 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from t2i.atomic import write_folder
 from t2i.errors import T2IError
+from t2i.models import weight_files
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
 
 MANIFEST = "t2i_pipeline.json"
 DIFFUSERS_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 FORMAT_VERSION = 1
+COMPONENT_NAMES = {"vae": "VAE", "unet": "U-Net"}
 
 
-def load_components(path: Path) -> dict:
+def load_components(path: Path, allow_pickle: bool = False) -> dict:
+    """The components of a t2i or diffusers pipeline folder; pickle weights only when `allow_pickle`."""
     if not path.exists():
         raise T2IError(f"model folder '{path}' does not exist")
     if not path.is_dir():
         raise T2IError(f"model path '{path}' is a file; expected a pipeline folder")
     if (path / MANIFEST).is_file():
-        return _load_t2i(path)
+        return _load_t2i(path, allow_pickle)
     if (path / DIFFUSERS_INDEX).is_file():
-        return _load_diffusers(path)
+        return _load_diffusers(path, allow_pickle)
     raise T2IError(f"'{path}' is neither a t2i pipeline (no {MANIFEST}) nor a diffusers Stable Diffusion "
                    f"folder (no {DIFFUSERS_INDEX})")
 
@@ -40,37 +43,55 @@ def _require(path: Path, *names: str) -> None:
         raise T2IError(f"pipeline folder '{path}' is incomplete: missing {', '.join(missing)}")
 
 
-def _load_t2i(path: Path) -> dict:
-    manifest = json.loads((path / MANIFEST).read_text())
+def _load_t2i(path: Path, allow_pickle: bool) -> dict:
+    manifest = weight_files.check_json(path / MANIFEST, path)
     _require(path, "vae", "unet", "text_encoder", str(SCHEDULER_CONFIG))
     clip_skip = manifest.get("clip_skip", 0)
     if manifest.get("text_encoder") == HFClipTextEncoder.kind:
-        text_encoder: TextEncoder = HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer",
-                                                                   clip_skip)
+        text_encoder: TextEncoder = _load_hf_text_encoder(path, allow_pickle, clip_skip)
     else:
-        text_encoder = OpenClipTextEncoder.load(path / "text_encoder", clip_skip)
+        weight_files.check_component(path / "text_encoder", path, allow_pickle)
+        with weight_files.loading(path, "open_clip text encoder", path / "text_encoder"):
+            text_encoder = OpenClipTextEncoder.load(path / "text_encoder", clip_skip)
     return {
-        "vae": AutoencoderKL.from_pretrained(path / "vae"),
+        "vae": _load_diffusers_model(AutoencoderKL, path, "vae", allow_pickle),
         "text_encoder": text_encoder,
-        "unet": UNet2DConditionModel.from_pretrained(path / "unet"),
+        "unet": _load_diffusers_model(UNet2DConditionModel, path, "unet", allow_pickle),
         "scheduler_config": _read_scheduler_config(path),
         "defaults": manifest.get("defaults", {}),
     }
 
 
-def _load_diffusers(path: Path) -> dict:
+def _load_diffusers(path: Path, allow_pickle: bool) -> dict:
+    weight_files.check_json(path / DIFFUSERS_INDEX, path)
     _require(path, "vae", "unet", "text_encoder", "tokenizer", str(SCHEDULER_CONFIG))
     return {
-        "vae": AutoencoderKL.from_pretrained(path / "vae"),
-        "text_encoder": HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer"),
-        "unet": UNet2DConditionModel.from_pretrained(path / "unet"),
+        "vae": _load_diffusers_model(AutoencoderKL, path, "vae", allow_pickle),
+        "text_encoder": _load_hf_text_encoder(path, allow_pickle),
+        "unet": _load_diffusers_model(UNet2DConditionModel, path, "unet", allow_pickle),
         "scheduler_config": _read_scheduler_config(path),
         "defaults": {},
     }
 
 
+def _load_diffusers_model(model_class, path: Path, component: str, allow_pickle: bool):
+    folder = path / component
+    weight_files.check_component(folder, path, allow_pickle)
+    with weight_files.loading(path, COMPONENT_NAMES[component], folder):
+        # use_safetensors=None prefers safetensors and falls back to pickle; True refuses pickle.
+        return model_class.from_pretrained(folder, use_safetensors=None if allow_pickle else True)
+
+
+def _load_hf_text_encoder(path: Path, allow_pickle: bool, clip_skip: int = 0) -> HFClipTextEncoder:
+    for component in ("text_encoder", "tokenizer"):
+        if (path / component).is_dir():
+            weight_files.check_component(path / component, path, allow_pickle)
+    with weight_files.loading(path, "text encoder and tokenizer", path / "text_encoder", path / "tokenizer"):
+        return HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer", clip_skip, allow_pickle)
+
+
 def _read_scheduler_config(path: Path) -> dict:
-    config = json.loads((path / SCHEDULER_CONFIG).read_text())
+    config = weight_files.check_json(path / SCHEDULER_CONFIG, path)
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 

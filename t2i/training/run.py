@@ -230,7 +230,7 @@ def _captions(dataset: Dataset) -> list[str]:
 def load_source_pipeline(config: RunConfig, device: torch.device) -> Text2ImagePipeline:
     """The pretrained pipeline a fine-tune starts from, in fp32 (training keeps fp32 master weights)."""
     return Text2ImagePipeline.from_pretrained(resolve_model(config.finetune.model), device=device,
-                                              dtype=torch.float32)
+                                              dtype=torch.float32, allow_pickle=config.finetune.allow_pickle)
 
 
 def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:

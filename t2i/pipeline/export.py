@@ -1,0 +1,69 @@
+"""Export a t2i pipeline as a diffusers Stable Diffusion folder, which `StableDiffusionPipeline` loads and runs.
+
+The VAE and U-Net are diffusers models already and are saved as they are. The text encoder becomes a
+`CLIPTextModel` + `CLIPTokenizer` with clip_skip baked in (t2i.models.convert). The scheduler is the pipeline's
+default sampler over its own noise schedule. The folder is written whole (t2i.atomic).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+from diffusers import StableDiffusionPipeline
+
+from t2i.atomic import write_folder
+from t2i.diffusion.samplers import SAMPLERS, make_scheduler
+from t2i.errors import T2IError
+from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
+from t2i.models.text_encoder import OpenClipTextEncoder
+from t2i.pipeline.pipeline import Text2ImagePipeline
+from t2i.pipeline.storage import SCHEDULER_CONFIG
+
+
+def export_folder(model: str | Path, out: str | Path, sampler: str | None = None, allow_pickle: bool = False) -> Path:
+    """Export the t2i or diffusers pipeline folder `model` to the diffusers folder `out`."""
+    pipe = Text2ImagePipeline.from_pretrained(model, device="cpu", allow_pickle=allow_pickle)
+    return export_diffusers(pipe, out, sampler)
+
+
+def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | None = None) -> Path:
+    """Write `pipe` to `out` in diffusers' Stable Diffusion layout, with `sampler` (default: the pipeline's)."""
+    check_no_adapters(pipe)
+    out = Path(out)
+    sampler = sampler or pipe.defaults["sampler"]
+    text_encoder, tokenizer = to_clip_text_model(pipe.text_encoder)
+    scheduler = make_scheduler(sampler, pipe.scheduler_config)
+    exported = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=pipe.unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    with write_folder(out, "the diffusers pipeline") as staging:
+        exported.save_pretrained(staging, safe_serialization=True)
+        _write_scheduler_config(staging, sampler, pipe.scheduler_config)
+        if isinstance(pipe.text_encoder, OpenClipTextEncoder):
+            write_vocab_and_merges(staging / "tokenizer")
+    return out
+
+
+def _write_scheduler_config(folder: Path, sampler: str, scheduler_config: dict) -> None:
+    """Only the noise schedule and the sampler's own settings, not every default of the scheduler class.
+
+    A scheduler's saved config lists all its defaults, some of which other scheduler classes read differently;
+    keeping to the pipeline's keys means a sampler built later from this folder equals one built from the source.
+    """
+    scheduler_class, settings = SAMPLERS[sampler]
+    config = {"_class_name": scheduler_class.__name__, "_diffusers_version": diffusers.__version__,
+              **scheduler_config, **settings}
+    (folder / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+def check_no_adapters(pipe: Text2ImagePipeline) -> None:
+    """The hook for LoRA export, which is not built yet: refuse a U-Net carrying peft adapters.
+
+    Saved as it is, such a U-Net would mix adapter tensors into the base weights' file. LoRA export goes here:
+    write the adapters with `StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=...)`, the
+    layout diffusers' `load_lora_weights` reads, beside (or merged into) the base weights.
+    """
+    if getattr(pipe.unet, "peft_config", None):
+        raise T2IError("this pipeline's U-Net carries LoRA adapters, and exporting them is not supported yet; "
+                       "merge them into the U-Net first")
