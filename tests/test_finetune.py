@@ -1,6 +1,7 @@
 """t2i finetune: a pretrained pipeline trained further on a folder of captioned images, full or LoRA."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -111,9 +112,13 @@ def test_a_plain_install_carries_the_configs(tmp_path):
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 68:
         pytest.skip("building t2i needs setuptools >= 68 in this environment")
-    target = tmp_path / "site"
+    source, target = tmp_path / "source", tmp_path / "site"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):  # pip builds in the source folder: a copy keeps the checkout clean
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "t2i", source / "t2i", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source)], check=True, capture_output=True)
     code = ("from t2i.config import PACKAGED_CONFIGS, load_config\nfrom t2i.demo import default_config\n"
             "print(PACKAGED_CONFIGS)\nload_config(default_config('cpu'))\n"
             "load_config(PACKAGED_CONFIGS / 'finetune.yaml', ['finetune.model=m', 'data.path=d'])")

@@ -1,1 +1,0 @@
-"""Diffusion math as pure functions over tensors: schedules, parameterisations, losses, guidance, samplers."""

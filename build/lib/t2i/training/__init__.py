@@ -1,1 +1,0 @@
-"""Training: one shared loop and small stages (vae, clip, unet)."""

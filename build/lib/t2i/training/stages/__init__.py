@@ -1,1 +1,0 @@
-"""Training stages: each supplies a model, a loss and an export format to the shared loop."""
