@@ -174,3 +174,35 @@ def test_latents_cached_on_disk_are_reused_and_never_stale(tmp_path, monkeypatch
     with torch.no_grad():
         next(vae.parameters()).add_(1e-3)
     assert latent_cache.cache_key(vae, dataset) != key
+
+
+def test_diffusers_load_lora_weights_reads_the_adapters(trained_run, tmp_path):
+    """The exported base model plus diffusers' `load_lora_weights` is the merged t2i pipeline, weights and images."""
+    import numpy as np
+    from diffusers import StableDiffusionPipeline
+
+    from t2i.pipeline.export import export_folder
+
+    data = clean_folder(tmp_path / "data", count=16).root
+    out = tmp_path / "run"
+    assert main(finetune_args(trained_run / "pipeline", data, out, "--lora-rank", "4", "--lr", "1e-2",
+                              "--set", "train.finetune.sample_every=0")) == 0
+    base = StableDiffusionPipeline.from_pretrained(export_folder(trained_run / "pipeline", tmp_path / "base",
+                                                                 sampler="euler"))
+    base.set_progress_bar_config(disable=True)
+    before = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    base.load_lora_weights(out / "finetune" / "final" / "lora")
+    base.fuse_lora()
+    base.unload_lora_weights()
+    fused, merged = base.unet.state_dict(), load_file(out / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert fused.keys() == merged.keys()
+    assert max((fused[k] - merged[k]).abs().max().item() for k in merged) < 1e-5
+    assert max((before[k] - merged[k]).abs().max().item() for k in merged) > 1e-3  # the adapters did change it
+
+    prompts = ["a large red circle", "an emoji of a dog"]
+    generators = [torch.Generator("cpu").manual_seed(i) for i in range(len(prompts))]
+    theirs = (base(prompts, num_inference_steps=4, guidance_scale=2.0, generator=generators,
+                   output_type="np").images * 255).round().astype(np.int16)
+    ours = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")(
+        prompts, num_inference_steps=4, guidance_scale=2.0, seed=0, sampler="euler")
+    assert np.abs(theirs - np.stack([np.asarray(image) for image in ours]).astype(np.int16)).max() <= 2
