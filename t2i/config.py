@@ -303,6 +303,9 @@ class RunConfig:
     # Keep those latents on disk here between runs, keyed by the VAE's weights and dtype and by the data with its
     # resolution and augmentation (t2i.data.latents); None keeps them in memory for the run only.
     latent_cache_dir: str | None = None
+    # U-Net stages: encode every distinct caption once with the frozen text encoder, instead of at every step
+    # (kept in latent_cache_dir too, when set). Batched encoding may round differently from per-step encoding.
+    cache_text_states: bool = False
     # CPU only: train as this many data-parallel processes on this machine, sharing its cores (batch sizes are
     # per process). For GPUs and several machines, start `t2i train` under `accelerate launch` instead.
     local_processes: int = 1

@@ -206,3 +206,30 @@ def test_diffusers_load_lora_weights_reads_the_adapters(trained_run, tmp_path):
     ours = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")(
         prompts, num_inference_steps=4, guidance_scale=2.0, seed=0, sampler="euler")
     assert np.abs(theirs - np.stack([np.asarray(image) for image in ours]).astype(np.int16)).max() <= 2
+
+
+def test_text_states_computed_once_equal_those_of_every_step(trained_run, tmp_path, monkeypatch):
+    from t2i.data import text_states as text_cache
+    from t2i.models.text_encoder import OpenClipTextEncoder
+    from t2i.training.randomness import BatchRandomness
+    from t2i.training.stages.unet import UNetStage
+
+    pipe = Text2ImagePipeline.from_pretrained(trained_run / "pipeline", device="cpu")
+    captions = ["a large red circle", "a small blue square at the top", "a large red circle"]
+    stage = UNetStage(pipe.unet, pipe.vae, pipe.text_encoder, load_config(PACKAGED_CONFIGS / "tiny.yaml").diffusion,
+                      pipe.scheduler_config, [], torch.device("cpu"))
+    batch = {"pixel_values": torch.rand(3, 3, 32, 32) * 2 - 1, "caption": captions}
+    every_step, _ = stage.loss(pipe.unet, batch, BatchRandomness(torch.Generator().manual_seed(0)),
+                               caption_dropout=0.5)
+    stage.cache_text_states(captions, tmp_path / "cache")
+    assert stage.text_states.captions == ["", "a large red circle", "a small blue square at the top"]
+    once, _ = stage.loss(pipe.unet, batch, BatchRandomness(torch.Generator().manual_seed(0)), caption_dropout=0.5)
+    assert torch.allclose(once, every_step, rtol=1e-5)
+
+    monkeypatch.setattr(text_cache, "encode_captions", lambda *args: pytest.fail("encoded again"))
+    again = text_cache.cached_text_states(pipe.text_encoder, captions, tmp_path / "cache")
+    assert torch.equal(again.states, stage.text_states.states)
+    monkeypatch.undo()
+    other = OpenClipTextEncoder.load(trained_run / "pipeline" / "text_encoder", clip_skip=1)  # tiny uses 0
+    text_cache.cached_text_states(other, captions, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("text-states-*.safetensors"))) == 2

@@ -74,11 +74,16 @@ def cached_latents(vae: AutoencoderKL, dataset: Dataset, cache_dir: Path | None)
 def cache_key(vae: AutoencoderKL, dataset: Dataset) -> str:
     digest = hashlib.sha256()
     digest.update(str(vae.dtype).encode())
-    for name, tensor in sorted(vae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    hash_weights(digest, vae)
     digest.update(data_fingerprint(dataset).encode())
     return digest.hexdigest()
+
+
+def hash_weights(digest, module: torch.nn.Module) -> None:
+    """Feed every named tensor of `module`, name and bytes, to `digest`."""
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def data_fingerprint(dataset: Dataset) -> str:

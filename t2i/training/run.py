@@ -184,21 +184,45 @@ def _unet_stage(inputs: StageInputs):
     preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
     stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
                       inputs.device)
-    return stage, _latents_or_images(config, vae, inputs.dataset)
+    return stage, _prepared_data(config, stage, inputs.dataset)
 
 
 def _finetune_stage(inputs: StageInputs):
     config = inputs.config
     source = load_source_pipeline(config, inputs.device)
-    preview = list(config.finetune.validation_prompts) or _captions(inputs.validation or inputs.dataset)
+    preview = list(config.finetune.validation_prompts) or _preview_captions(inputs.validation or inputs.dataset)
     stage = FinetuneStage(source, config.finetune, config.diffusion, preview, inputs.validation,
                           config.train.finetune.batch_size, inputs.device)
-    return stage, _latents_or_images(config, stage.vae, inputs.dataset)
+    return stage, _prepared_data(config, stage, inputs.dataset)
 
 
 # Stage name -> builder of (stage, the data it trains on); a new stage is one builder and one line here.
 STAGES: dict[str, Callable[[StageInputs], tuple]] = {
     "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "finetune": _finetune_stage}
+
+
+def _prepared_data(config: RunConfig, stage: UNetStage, dataset: Dataset) -> Dataset:
+    """The data a U-Net stage trains on, with its latents (and text states) computed once where asked and possible."""
+    data = _latents_or_images(config, stage.vae, dataset)
+    if config.cache_text_states:
+        captions = _all_captions(dataset)
+        if captions is None:
+            print("text states are not cached: a streamed dataset's captions are not known up front")
+        else:
+            stage.cache_text_states(captions, _cache_dir(config))
+    return data
+
+
+def _cache_dir(config: RunConfig) -> Path | None:
+    return Path(config.latent_cache_dir) if config.latent_cache_dir else None
+
+
+def _all_captions(dataset: Dataset) -> list[str] | None:
+    if isinstance(dataset, ShapesDataset):
+        return dataset.captions
+    if isinstance(dataset, ImageCaptionDataset):
+        return [sample.caption for sample in dataset.samples]
+    return None
 
 
 def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) -> Dataset:
@@ -209,7 +233,7 @@ def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) 
         print("latents are not cached: random crops, flips, aspect-ratio buckets or a streamed dataset change the "
               "images from epoch to epoch")
         return dataset
-    return cached_latents(vae, dataset, Path(config.latent_cache_dir) if config.latent_cache_dir else None)
+    return cached_latents(vae, dataset, _cache_dir(config))
 
 
 def _fixed_items(dataset: Dataset) -> bool:
@@ -220,7 +244,7 @@ def _fixed_items(dataset: Dataset) -> bool:
             and not dataset.random_flip)
 
 
-def _captions(dataset: Dataset) -> list[str]:
+def _preview_captions(dataset: Dataset) -> list[str]:
     """Preview prompts from the data: the first captions of a map-style dataset (none from a stream)."""
     if not hasattr(dataset, "__len__"):
         return []

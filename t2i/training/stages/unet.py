@@ -8,6 +8,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from t2i.config import DiffusionConfig
+from t2i.data.text_states import EMPTY_PROMPT, TextStates, cached_text_states
 from t2i.diffusion.losses import diffusion_loss, min_snr_weights
 from t2i.diffusion.parameterization import add_noise, training_target
 from t2i.diffusion.schedules import scheduler_alphas_cumprod
@@ -15,8 +16,6 @@ from t2i.eval.grid import save_grid
 from t2i.models.text_encoder import TextEncoder
 from t2i.pipeline import Text2ImagePipeline
 from t2i.training.randomness import BatchRandomness
-
-EMPTY_PROMPT = ""
 
 
 def drop_captions(captions: list[str], probability: float, rng: BatchRandomness) -> list[str]:
@@ -44,6 +43,7 @@ class UNetStage:
         self.prediction = scheduler_config["prediction_type"]
         self.num_train_timesteps = scheduler_config["num_train_timesteps"]
         self.alpha_bar = scheduler_alphas_cumprod(scheduler_config).float().to(device)
+        self.text_states: TextStates | None = None  # see cache_text_states; None: encoded at every step
 
     @torch.no_grad()
     def _latents(self, batch: dict, rng: BatchRandomness) -> torch.Tensor:
@@ -56,8 +56,14 @@ class UNetStage:
         noise = rng.randn(mean.shape, dtype=mean.dtype, device=mean.device)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
+    def cache_text_states(self, captions: list[str], cache_dir: Path | None) -> None:
+        """Encode every distinct caption (and the empty prompt) once, instead of at every step."""
+        self.text_states = cached_text_states(self.text_encoder, captions, cache_dir)
+
     @torch.no_grad()
     def _context(self, captions: list[str], device: torch.device) -> torch.Tensor:
+        if self.text_states is not None and self.text_states.covers(captions):  # held-out captions are not
+            return self.text_states(captions, device)
         return self.text_encoder(self.text_encoder.tokenize(captions).ids.to(device))
 
     def loss(self, model: UNet2DConditionModel, batch: dict, rng: BatchRandomness,
