@@ -1,5 +1,6 @@
 """The shared training loop: every stage runs, checkpoints are complete, and resuming is exact."""
 import json
+import time
 
 import pytest
 import torch
@@ -198,3 +199,14 @@ def test_an_error_in_a_local_process_is_reported_as_such(tmp_path):
     config = tiny_config(tmp_path / "run", "local_processes=2", "data.size=12")
     with pytest.raises(T2IError, match="fewer than one batch of 16"):
         run_training(config)
+
+
+def test_a_failing_local_process_ends_the_others_within_a_bounded_time():
+    from launch_helpers import rank_one_fails
+
+    from t2i.training.launch import FAILED_RANK_GRACE_S, launch_local
+
+    started = time.perf_counter()
+    with pytest.raises(T2IError, match="rank 1 failed"):
+        launch_local(rank_one_fails, (), 2)
+    assert time.perf_counter() - started < 2 * FAILED_RANK_GRACE_S + 15  # two grace periods, plus starting up

@@ -19,6 +19,7 @@ from t2i.training.interrupt import StopRequest
 
 
 # torch is imported where it is used: the command line asks `is_launched` before it loads torch.
+FAILED_RANK_GRACE_S = 5.0
 
 
 def is_launched() -> bool:
@@ -42,7 +43,9 @@ def launch_local(function: Callable, args: tuple, num_processes: int) -> None:
             _worker, args=(function, args, num_processes, _free_port(), threads, shared_stop, errors),
             nprocs=num_processes, start_method="spawn", join=False)
         try:
-            while not workers.join():
+            # When one worker fails, the others get FAILED_RANK_GRACE_S to stop, then SIGTERM (which our workers
+            # treat as "finish the step"), then as long again before SIGKILL: all end within about twice that.
+            while not workers.join(grace_period=FAILED_RANK_GRACE_S):
                 pass
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as failure:
             if not errors.empty():
