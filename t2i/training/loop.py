@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Protocol
@@ -138,8 +139,8 @@ class TrainLoop:
 
     def run(self) -> torch.nn.Module:
         config, accelerator = self.config, self.accelerator
-        self.batches = train_batches(self.dataset, config.batch_size, config.seed, self.state.micro_batches,
-                                     accelerator.process_index, accelerator.num_processes)
+        batches = train_batches(self.dataset, config.batch_size, config.seed, self.state.micro_batches,
+                                accelerator.process_index, accelerator.num_processes)
         if self.is_main:
             _drop_metrics_after(self.metrics_file, self.state.step)  # logged by a run killed after its checkpoint
         tensorboard = _tensorboard_writer(self.run_dir) if self.is_main else None
@@ -151,7 +152,7 @@ class TrainLoop:
             self._log_extra(self._sample(), tensorboard)
         try:
             while self.state.step < config.steps:
-                logged, stop_signal = self.run_step()
+                logged, stop_signal = self.run_step(batches)
                 progress.update(1)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
                 self._log(logged, started, tensorboard)
@@ -168,7 +169,7 @@ class TrainLoop:
             self.save_checkpoint()
         return self.finish()
 
-    def forward_backward(self) -> dict[str, float]:
+    def forward_backward(self, batches: Iterator[dict]) -> dict[str, float]:
         """Accumulate the gradients of `grad_accum_steps` micro-batches; return their mean metrics."""
         config, accelerator = self.config, self.accelerator
         logged: dict[str, float] = {}
@@ -177,7 +178,7 @@ class TrainLoop:
             generator = torch.Generator(accelerator.device).manual_seed(
                 config.seed * _SEED_STRIDE + self.state.micro_batches)
             rng = BatchRandomness(generator, accelerator.process_index, accelerator.num_processes)
-            batch = _to_device(next(self.batches), accelerator.device)
+            batch = _to_device(next(batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
             with (accelerator.no_sync(self.stage_loss) if not last_micro else nullcontext(),
                   accelerator.autocast()):
@@ -188,11 +189,11 @@ class TrainLoop:
                 logged[key] = logged.get(key, 0.0) + value / config.grad_accum_steps
         return logged
 
-    def run_step(self) -> tuple[dict[str, float], int]:
+    def run_step(self, batches: Iterator[dict]) -> tuple[dict[str, float], int]:
         """One optimiser step (or, for a non-finite one within `max_nonfinite_steps`, a skipped update).
 
         Returns the step's metrics and the signal every process agreed to stop on (0: none)."""
-        logged = self.forward_backward()
+        logged = self.forward_backward(batches)
         logged["grad_norm"] = self._grad_norm()
         # fp16 loss scaling overflows on purpose now and then; its scaler skips those updates itself.
         checked = ("loss",) if self.config.mixed_precision == "fp16" else ("loss", "grad_norm")
