@@ -253,9 +253,13 @@ class LoRAConfig:
     alpha: float | None = None  # None: alpha = rank, a scale of 1
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     dropout: float = 0.0
+    # Adapters of the same rank on the text encoder's attention too, trained with the U-Net's (open_clip: each
+    # text block's attention; Hugging Face CLIP: q/k/v/out projections).
+    text_encoder: bool = False
 
     def __post_init__(self):
         _check(self.rank >= 0, "finetune.lora.rank must be >= 0 (0: full fine-tune)")
+        _check(self.rank > 0 or not self.text_encoder, "finetune.lora.text_encoder needs finetune.lora.rank > 0")
         _check(self.alpha is None or self.alpha > 0, "finetune.lora.alpha must be positive")
         _check(len(self.target_modules) > 0, "finetune.lora.target_modules must name at least one module")
         _check(0.0 <= self.dropout < 1.0, "finetune.lora.dropout must lie in [0, 1)")

@@ -21,7 +21,8 @@ from t2i.training.stages.finetune import FinetuneStage
 from conftest import REPO
 from data_fixtures import clean_folder, planted_folder, write_shards
 
-FINETUNED = "finetune/final/unet/diffusion_pytorch_model.safetensors"
+FINETUNED = "finetune/final/pipeline/unet/diffusion_pytorch_model.safetensors"
+FINETUNED_TEXT_ENCODER = "finetune/final/pipeline/text_encoder/model.safetensors"
 
 
 def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
@@ -61,13 +62,14 @@ def test_too_many_bad_files_stop_the_run_before_training(trained_run, tmp_path, 
     assert not (tmp_path / "run" / "finetune").exists()
 
 
-@pytest.mark.parametrize("lora_rank", [0, 2])
-def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, monkeypatch, lora_rank):
+@pytest.mark.parametrize("lora_rank, text_encoder", [(0, False), (2, False), (2, True)])
+def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, monkeypatch, lora_rank,
+                                                                 text_encoder):
     data = clean_folder(tmp_path / "data", count=24).root
     settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
                 "train.finetune.steps=6", "train.finetune.batch_size=4", "train.finetune.checkpoint_every=3",
                 "train.finetune.sample_every=0", "train.finetune.ema_decay=0.9", f"finetune.lora.rank={lora_rank}",
-                "device=cpu"]
+                f"finetune.lora.text_encoder={str(text_encoder).lower()}", "device=cpu"]
     config = lambda run: load_config(PACKAGED_CONFIGS / "finetune.yaml", [*settings, f"run_dir={run}"])  # noqa: E731
     run_training(config(tmp_path / "uninterrupted"))
 
@@ -85,9 +87,9 @@ def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tm
         run_training(config(tmp_path / "crashed"))
     monkeypatch.setattr(FinetuneStage, "loss", real_loss)
     run_training(config(tmp_path / "crashed"), resume=True)
-    resumed, uninterrupted = load_file(tmp_path / "crashed" / FINETUNED), load_file(tmp_path / "uninterrupted" /
-                                                                                    FINETUNED)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    for weights in (FINETUNED, FINETUNED_TEXT_ENCODER):
+        resumed, uninterrupted = (load_file(tmp_path / run / weights) for run in ("crashed", "uninterrupted"))
+        assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
 def test_the_data_source_is_detected_from_what_is_there(tmp_path):
@@ -233,3 +235,41 @@ def test_text_states_computed_once_equal_those_of_every_step(trained_run, tmp_pa
     other = OpenClipTextEncoder.load(trained_run / "pipeline" / "text_encoder", clip_skip=1)  # tiny uses 0
     text_cache.cached_text_states(other, captions, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("text-states-*.safetensors"))) == 2
+
+
+def test_lora_on_an_open_clip_text_encoder_moves_only_its_attention(trained_run, tmp_path):
+    data = clean_folder(tmp_path / "data", count=16).root
+    out = tmp_path / "run"
+    assert main(finetune_args(trained_run / "pipeline", data, out, "--lora-rank", "4", "--lr", "1e-2",
+                              "--set", "finetune.lora.text_encoder=true", "--set", "cache_text_states=true")) == 0
+    source = load_file(trained_run / "pipeline" / "text_encoder" / "model.safetensors")
+    tuned = load_file(out / "pipeline" / "text_encoder" / "model.safetensors")
+    assert tuned.keys() == source.keys()  # adapters folded in: the plain open_clip layout
+    changed = {k for k in source if not torch.equal(source[k], tuned[k])}
+    assert changed and all(k.startswith("transformer.resblocks.") and ".attn." in k for k in changed)
+    pipe = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipe("a red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)
+
+
+def test_lora_on_a_hugging_face_text_encoder_loads_into_diffusers(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import save_tiny_sd_pipeline
+
+    source = save_tiny_sd_pipeline(tmp_path / "sd")
+    data = clean_folder(tmp_path / "data", count=16).root
+    out = tmp_path / "run"
+    assert main(finetune_args(source, data, out, "--lora-rank", "4", "--lr", "1e-2", "--resolution", "32",
+                              "--set", "finetune.lora.text_encoder=true")) == 0
+    lora = load_file(out / "finetune" / "final" / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("unet.") for k in lora)
+
+    base = StableDiffusionPipeline.from_pretrained(source)
+    base.load_lora_weights(out / "finetune" / "final" / "lora")
+    base.fuse_lora()
+    base.unload_lora_weights()
+    merged_text_encoder = load_file(out / "pipeline" / "text_encoder" / "model.safetensors")
+    fused = base.text_encoder.state_dict()
+    assert max((fused[k] - merged_text_encoder[k]).abs().max().item() for k in merged_text_encoder) < 1e-5
+    original = load_file(source / "text_encoder" / "model.safetensors")
+    assert max((original[k] - merged_text_encoder[k]).abs().max().item() for k in original) > 1e-4

@@ -4,7 +4,7 @@
     run_dir/vae/final            AutoencoderKL (diffusers format, measured scaling factor)
     run_dir/clip/final           open_clip text encoder (when trained here)
     run_dir/unet/final           UNet2DConditionModel
-    run_dir/finetune/final       a fine-tuned U-Net (unet/) and its LoRA adapters (lora/, diffusers' layout)
+    run_dir/finetune/final       the fine-tuned pipeline (pipeline/) and its LoRA adapters (lora/, diffusers' layout)
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
     run_dir/quarantine.jsonl     user images skipped as bad, each with its reason
@@ -15,6 +15,7 @@ SIGTERM or SIGINT stops the stage in training after its current step, with a che
 """
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.data import Dataset
 
+from t2i.atomic import write_folder
 from t2i.config import RunConfig
 from t2i.config_io import to_dict
 from t2i.data.build import build_datasets
@@ -46,7 +48,7 @@ from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
 from t2i.training.stages.clip import ClipStage
-from t2i.training.stages.finetune import UNET as FINETUNED_UNET
+from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
 from t2i.training.stages.finetune import FinetuneStage
 from t2i.training.stages.unet import UNetStage
 from t2i.training.stages.vae import VAEStage
@@ -258,11 +260,9 @@ def load_source_pipeline(config: RunConfig, device: torch.device) -> Text2ImageP
 
 
 def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
-    """The source pipeline with the fine-tuned U-Net (adapters merged in), saved to run_dir/pipeline."""
-    source = load_source_pipeline(config, torch.device("cpu"))
-    unet = UNet2DConditionModel.from_pretrained(run_dir / "finetune" / FINAL / FINETUNED_UNET)
-    pipe = Text2ImagePipeline(source.vae, source.text_encoder, unet, source.scheduler_config, source.defaults)
-    pipe.save_pretrained(run_dir / "pipeline")
+    """The fine-tuned pipeline (adapters folded in) that stage finetune exported, copied to run_dir/pipeline."""
+    with write_folder(run_dir / "pipeline", "pipeline") as staging:
+        shutil.copytree(run_dir / "finetune" / FINAL / FINETUNED_PIPELINE, staging, dirs_exist_ok=True)
     return run_dir / "pipeline"
 
 

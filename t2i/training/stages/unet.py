@@ -2,6 +2,7 @@
 captions dropped to the empty prompt so that classifier-free guidance works. VAE and text encoder are frozen."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,17 +69,23 @@ class UNetStage:
 
     def loss(self, model: UNet2DConditionModel, batch: dict, rng: BatchRandomness,
              caption_dropout: float | None = None) -> tuple[torch.Tensor, dict]:
+        return self.denoising_loss(model, self._context, batch, rng, caption_dropout)
+
+    def denoising_loss(self, unet: UNet2DConditionModel, encode: Callable[[list[str], torch.device], torch.Tensor],
+                       batch: dict, rng: BatchRandomness, caption_dropout: float | None = None
+                       ) -> tuple[torch.Tensor, dict]:
+        """The loss of `unet` on `batch`, its captions turned into token states by `encode`."""
         x0 = self._latents(batch, rng)  # (B, C, h, w)
         dropout = self.diffusion.caption_dropout if caption_dropout is None else caption_dropout
         captions = drop_captions(list(batch["caption"]), dropout, rng)
-        context = self._context(captions, x0.device)  # (B, L, D)
+        context = encode(captions, x0.device)  # (B, L, D)
         t = rng.randint(self.num_train_timesteps, x0.shape[0]).to(x0.device)
         noise = rng.randn(x0.shape, dtype=x0.dtype, device=x0.device)
         if self.diffusion.noise_offset:
             noise = noise + self.diffusion.noise_offset * rng.randn((*x0.shape[:2], 1, 1), dtype=x0.dtype,
                                                                     device=x0.device)
         alpha_bar = self.alpha_bar[t]
-        prediction = model(add_noise(x0, noise, alpha_bar), t, encoder_hidden_states=context).sample
+        prediction = unet(add_noise(x0, noise, alpha_bar), t, encoder_hidden_states=context).sample
         target = training_target(self.prediction, x0, noise, alpha_bar)
         weights = (min_snr_weights(alpha_bar, self.diffusion.min_snr_gamma, self.prediction)
                    if self.diffusion.min_snr_gamma else None)
