@@ -273,3 +273,15 @@ def test_lora_on_a_hugging_face_text_encoder_loads_into_diffusers(tmp_path):
     assert max((fused[k] - merged_text_encoder[k]).abs().max().item() for k in merged_text_encoder) < 1e-5
     original = load_file(source / "text_encoder" / "model.safetensors")
     assert max((original[k] - merged_text_encoder[k]).abs().max().item() for k in original) > 1e-4
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(trained_run, tmp_path):
+    data = clean_folder(tmp_path / "data", count=8).root
+    settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
+                "train.finetune.steps=2", "train.finetune.batch_size=4", "train.finetune.sample_every=0",
+                "train.finetune.sample_at_start=false", "data.validation_fraction=0", "device=cpu"]
+    for name, checkpointing in (("plain", "false"), ("checkpointed", "true")):
+        run_training(load_config(PACKAGED_CONFIGS / "finetune.yaml", [
+            *settings, f"run_dir={tmp_path / name}", f"finetune.gradient_checkpointing={checkpointing}"]))
+    plain, checkpointed = (load_file(tmp_path / name / FINETUNED) for name in ("plain", "checkpointed"))
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)

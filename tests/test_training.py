@@ -210,3 +210,20 @@ def test_a_failing_local_process_ends_the_others_within_a_bounded_time():
     with pytest.raises(T2IError, match="rank 1 failed"):
         launch_local(rank_one_fails, (), 2)
     assert time.perf_counter() - started < 2 * FAILED_RANK_GRACE_S + 15  # two grace periods, plus starting up
+
+
+def test_noise_offset_shifts_each_channel_of_the_noise(trained_run):
+    from diffusers import UNet2DConditionModel
+
+    from t2i.training.run import load_text_encoder, load_vae, pipeline_scheduler_config
+
+    losses = []
+    for offset in (0.0, 0.5):
+        config = tiny_config(trained_run, f"diffusion.noise_offset={offset}")
+        unet = UNet2DConditionModel.from_pretrained(trained_run / "unet" / "final")
+        stage = UNetStage(unet, load_vae(trained_run), load_text_encoder(config, trained_run), config.diffusion,
+                          pipeline_scheduler_config(config), [], torch.device("cpu"))
+        batch = {"pixel_values": torch.zeros(4, 3, 32, 32), "caption": ["a large red circle"] * 4}
+        with torch.no_grad():
+            losses.append(stage.loss(unet, batch, BatchRandomness(torch.Generator().manual_seed(0)))[0].item())
+    assert losses[0] != losses[1]
