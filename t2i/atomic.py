@@ -1,4 +1,4 @@
-"""Folders written whole: a reader finds the previous version or the new one, never a mix, and never nothing.
+"""Folders and files written whole: a reader finds the previous version or the new one, never a mix or nothing.
 
 A folder is written under a temporary name beside its target, then swapped in. On Linux the swap is one
 `renameat2(RENAME_EXCHANGE)` call, which Python does not expose (hence the thin ctypes wrapper), so the
@@ -87,3 +87,14 @@ def write_folder(target: Path, what: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def write_file(target: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; what the block writes there replaces `target` in one rename."""
+    draft = target.with_name(f"{target.name}.{os.getpid()}{STAGING_SUFFIX}")
+    try:
+        yield draft
+        os.replace(draft, target)
+    finally:
+        draft.unlink(missing_ok=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from t2i.atomic import write_file
 from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.shapes import ShapesDataset
 
@@ -64,10 +64,9 @@ def cached_latents(vae: AutoencoderKL, dataset: Dataset, cache_dir: Path | None)
             print(f"latent cache {path} is unreadable; encoding again")
     latents = encode_dataset(vae, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draft = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, draft,
-              metadata={"key": key, "captions": json.dumps(latents.captions)})
-    os.replace(draft, path)  # complete or absent: a reader never sees half a cache
+    with write_file(path) as draft:  # complete or absent: a reader never sees half a cache
+        save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, draft,
+                  metadata={"key": key, "captions": json.dumps(latents.captions)})
     return latents
 
 

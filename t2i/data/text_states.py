@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from t2i.atomic import write_file
 from t2i.data.latents import hash_weights
 from t2i.models.text_encoder import TextEncoder
 
@@ -65,9 +65,8 @@ def cached_text_states(text_encoder: TextEncoder, captions: list[str], cache_dir
             print(f"text-state cache {path} is unreadable; encoding again")
     encoded = encode_captions(text_encoder, distinct)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draft = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"states": encoded.states.contiguous()}, draft, metadata={"key": key})
-    os.replace(draft, path)
+    with write_file(path) as draft:
+        save_file({"states": encoded.states.contiguous()}, draft, metadata={"key": key})
     return encoded
 
 
