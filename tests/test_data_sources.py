@@ -158,3 +158,16 @@ def test_a_datasets_folder_with_its_own_column_names(tmp_path, monkeypatch):
     assert torch.equal(from_file[2]["pixel_values"], train[2]["pixel_values"])
     with pytest.raises(T2IError, match="has no column 'image'"):
         build_datasets(replace(config, image_column="image"))
+
+
+def test_a_quarantine_cut_short_by_a_kill_is_read_back(tmp_path):
+    from t2i.data.quarantine import Quarantine
+
+    path = tmp_path / "quarantine.jsonl"
+    path.write_text('{"file": "a.png", "reason": "zero-byte file"}\n{"file": "b.png", "rea')
+    quarantine = Quarantine(path)
+    quarantine.add("a.png", "zero-byte file")
+    quarantine.add("b.png", "truncated image")
+    lines = path.read_text().splitlines()
+    assert lines.count('{"file": "a.png", "reason": "zero-byte file"}') == 1  # not written twice
+    assert '{"file": "b.png", "reason": "truncated image"}' in lines

@@ -71,10 +71,17 @@ class Quarantine:
         self._met: set[tuple[str, str]] = set()
         self._written: set[tuple[str, str]] = set()
         if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            kept = []
+            for line in lines:
+                try:
                     record = json.loads(line)
                     self._written.add((record["file"], record["reason"]))
+                    kept.append(line)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a kill: dropped, written again
+                    continue
+            if len(kept) != len(lines):
+                path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
     def add(self, file: str, reason: str, detail: str = "") -> None:
         if (file, reason) in self._met:
