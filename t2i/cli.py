@@ -194,7 +194,11 @@ def _demo(args) -> None:
 def _train(args) -> None:
     from t2i.config import load_config
 
-    config = load_config(args.config, args.overrides)
+    _run_training(load_config(args.config, args.overrides), args)
+
+
+def _run_training(config, args) -> None:
+    """`t2i train` and `t2i finetune`: hold the run folder, train, say where the pipeline is."""
     with _run_folder_held(Path(config.run_dir)):
         from t2i.training.run import run_training
 
@@ -223,12 +227,7 @@ def _finetune_overrides(args) -> list[str]:
 def _finetune(args) -> None:
     from t2i.config import PACKAGED_CONFIGS, load_config
 
-    config = load_config(args.config or PACKAGED_CONFIGS / "finetune.yaml", _finetune_overrides(args))
-    with _run_folder_held(Path(config.run_dir)):
-        from t2i.training.run import run_training
-
-        pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
-    print(f"pipeline saved to {pipeline}")
+    _run_training(load_config(args.config or PACKAGED_CONFIGS / "finetune.yaml", _finetune_overrides(args)), args)
 
 
 def _generate(args) -> None:

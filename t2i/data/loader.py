@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from t2i.data.buckets import BucketBatchSampler
@@ -44,6 +45,11 @@ def batch_sampler(dataset: Dataset, batch_size: int, seed: int, start_batch: int
         return BucketBatchSampler(buckets, batch_size, seed, start_batch, rank, world_size)
     batches = ResumableBatchSampler(len(dataset), batch_size, seed, start_batch, rank, world_size)
     return EpochKeyedBatchSampler(batches) if isinstance(dataset, ImageCaptionDataset) else batches
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    """A collated batch with its tensors on `device` (captions and other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,

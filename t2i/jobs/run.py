@@ -19,7 +19,7 @@ from t2i.jobs import outputs
 from t2i.jobs.gallery import write_gallery
 from t2i.jobs.items import ImageTask, JobDefaults, image_tasks, read_items
 from t2i.jobs.parameters import format_parameters, model_hash
-from t2i.jobs.processes import Processes, current_processes
+from t2i.jobs.processes import current_processes
 from t2i.jobs.writer import ImageWriter
 
 PROMPT_CACHE_SIZE = 256  # encoded prompts kept: batches are grouped, so a prompt's images mostly run together

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from t2i.atomic import write_folder
 from t2i.config import TrainConfig
-from t2i.data.loader import train_batches
+from t2i.data.loader import batch_to_device, train_batches
 from t2i.errors import T2IError
 from t2i.pipeline.pipeline import NonFiniteSample
 from t2i.training.checkpoint import (
@@ -178,7 +178,7 @@ class TrainLoop:
             generator = torch.Generator(accelerator.device).manual_seed(
                 config.seed * _SEED_STRIDE + self.state.micro_batches)
             rng = BatchRandomness(generator, accelerator.process_index, accelerator.num_processes)
-            batch = _to_device(next(batches), accelerator.device)
+            batch = batch_to_device(next(batches), accelerator.device)
             last_micro = micro == config.grad_accum_steps - 1
             with (accelerator.no_sync(self.stage_loss) if not last_micro else nullcontext(),
                   accelerator.autocast()):
@@ -355,10 +355,6 @@ def _drop_metrics_after(metrics_file: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue
     metrics_file.write_text("".join(line + "\n" for line in kept))
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 @contextmanager

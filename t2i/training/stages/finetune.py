@@ -14,13 +14,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from t2i.config import DiffusionConfig, FinetuneConfig, LoRAConfig
+from t2i.data.loader import batch_to_device
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
 from t2i.pipeline import Text2ImagePipeline
 from t2i.training.randomness import BatchRandomness
 from t2i.training.stages.unet import UNetStage
 
-PIPELINE, LORA = "pipeline", "lora"  # the stage's exported folders: the fine-tuned pipeline, and the adapters
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' `load_lora_weights` layout
+# The stage's exported folders: the fine-tuned pipeline, and the adapters in the layout (pytorch_lora_weights
+# .safetensors) that diffusers' `load_lora_weights` reads.
+PIPELINE, LORA = "pipeline", "lora"
 VALIDATION_SEED = 0  # the same timesteps and noise every time the held-out loss is scored
 
 
@@ -118,8 +120,8 @@ class FinetuneStage(UNetStage):
         model.eval()
         device = self.alpha_bar.device
         rng = BatchRandomness(torch.Generator(device).manual_seed(VALIDATION_SEED))
-        losses = [self.loss(model, {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()},
-                            rng, caption_dropout=0.0)[0].item() for batch in self.validation]
+        losses = [self.loss(model, batch_to_device(batch, device), rng, caption_dropout=0.0)[0].item()
+                  for batch in self.validation]
         model.train(was_training)
         return sum(losses) / len(losses)
 
