@@ -40,7 +40,7 @@ def _run_demo(out: Path, device: str, config, resume_weights_only: bool) -> dict
     pipeline_dir = run_training(config, resume=True, resume_weights_only=resume_weights_only)
     trained = time.perf_counter()
 
-    pipe = Text2ImagePipeline.from_pretrained(pipeline_dir, device=device)
+    pipe = Text2ImagePipeline.from_pretrained(pipeline_dir, device=device).speed_up()
     sampling = config.sampling
     # The suite repeated: image i is drawn from seed i, so every repeat of a prompt gets its own seed.
     suite = prompt_suite(config.data.held_out_pairs) * sampling.samples_per_prompt

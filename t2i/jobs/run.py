@@ -44,6 +44,9 @@ class BatchJob:
     skip_invalid: bool = False
     force: bool = False
     device: str = "auto"
+    # How the networks run (t2i.pipeline.speed): their dtype ("auto": the device's default) and compilation.
+    dtype: str = "auto"
+    compile: str = "off"
     progress: bool = True
 
 
@@ -62,11 +65,13 @@ class JobSummary:
 
 def run_batch_job(job: BatchJob) -> JobSummary:
     from t2i.pipeline import Text2ImagePipeline
+    from t2i.pipeline.speed import SpeedOptions
 
     if job.batch_size < 1:
         raise T2IError(f"--batch-size must be at least 1; got {job.batch_size}")
     processes = current_processes(job.device)
     pipe = Text2ImagePipeline.from_pretrained(job.model, device=processes.device)
+    pipe.speed_up(SpeedOptions(dtype=job.dtype, compile=job.compile))
     defaults = _resolve_defaults(job, pipe)
     items, problems = read_items(job.prompts, defaults, pipe.latent_factor)
     if problems:

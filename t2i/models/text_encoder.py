@@ -14,6 +14,7 @@ from pathlib import Path
 import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -105,6 +106,22 @@ class OpenClipTextEncoder(nn.Module):
         if not clip.transformer.batch_first:
             x = x.transpose(0, 1)
         return clip.ln_final(x)  # (B, L, D)
+
+    def pooled_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """open_clip's `encode_text` (unnormalised), computed over the tokens up to the longest prompt's end.
+
+        The text tower is causal, so the padding after a prompt changes none of the states before it: dropping
+        the columns that are padding in every row is exact, and CLIP training's short captions run ~5x faster.
+        """
+        clip = self.clip
+        length = int((ids != 0).sum(dim=1).max())  # pad id 0; every row starts with <start_of_text>
+        ids = ids[:, :length]  # (B, l)
+        x = clip.token_embedding(ids) + clip.positional_embedding[:length]
+        x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:length, :length]))  # (B, l, D)
+        pooled = text_global_pool(x, ids, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
+        if isinstance(clip.text_projection, nn.Linear):
+            return clip.text_projection(pooled)
+        return pooled @ clip.text_projection if clip.text_projection is not None else pooled
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

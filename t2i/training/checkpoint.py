@@ -109,6 +109,7 @@ def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim
     with _reading(folder, *state_files(OPTIMIZER)):
         saved = load_state(folder, OPTIMIZER)
         optimizer.load_state_dict(saved["optimizer"])
+        _match_parameter_layouts(optimizer)
         lr_scheduler.load_state_dict(saved["lr_scheduler"])
     with _reading(folder, *state_files(RNG)):
         _set_rng_states(load_state(folder, RNG))
@@ -186,3 +187,14 @@ def _set_rng_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each loaded state tensor its parameter's memory layout (a channels_last weight's moments are saved
+    contiguous): fused and foreach optimizers walk parameter and state memory in step, element by element."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            for key, value in optimizer.state.get(parameter, {}).items():
+                if (isinstance(value, torch.Tensor) and value.shape == parameter.shape
+                        and value.stride() != parameter.stride()):
+                    optimizer.state[parameter][key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)

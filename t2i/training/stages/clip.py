@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from t2i.models.text_encoder import OpenClipTextEncoder
@@ -23,7 +24,7 @@ class ClipStage:
         captions = list(batch["caption"])
         ids = model.tokenize(captions).ids.to(images.device)
         image_features = model.clip.encode_image(images, normalize=True)
-        text_features = model.clip.encode_text(ids, normalize=True)
+        text_features = F.normalize(model.pooled_features(ids), dim=-1)
         loss = self.contrastive(image_features, text_features, model.clip.logit_scale.exp())
         # A pick counts as right when its caption equals the true one: batches repeat captions.
         picks = (image_features @ text_features.T).argmax(dim=1).tolist()

@@ -1,0 +1,199 @@
+"""Generation speed: t2i against diffusers' StableDiffusionPipeline on the same weights, side by side.
+
+    python scripts/bench_generate.py --size small                  # CPU; the table in docs/performance.md
+    python scripts/bench_generate.py --size small --dtype fp32     # one switch at a time: --compile, ...
+    python scripts/bench_generate.py --size sd15 --device cuda --steps 30 --guidance 7.5
+
+A random-weight Stable Diffusion folder of the named size (scripts/bench_models.py) is built once and loaded by
+both pipelines. In one process, runs alternate between them on the same prompts and seeds: images/s at batch 8
+and seconds per image at batch 1, and the worst pixel difference between their images. Then fresh processes
+time the cold start (load plus the first image, compilation included) with an empty and with a warm compile
+cache, and report peak memory (a batch of `--batch` after the first image).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_models import SIZES, build_pipeline_folder  # noqa: E402
+
+PROMPTS = ["a red circle on a blue background", "a watercolor of a lighthouse at dusk", "a small green cube",
+           "portrait of a cat wearing a hat", "a city street in the rain", "a bowl of fruit, oil painting",
+           "an astronaut riding a horse", "mountains above a lake at sunrise"]
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each pipeline")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="t2i's network dtype (auto: t2i's default for the device)")
+    parser.add_argument("--compile", choices=["off", "blocks", "full"], default="off")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fuse-qkv", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "t2i-bench-models")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-start processes")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--cold", choices=["t2i", "diffusers"], help=argparse.SUPPRESS)  # child process mode
+    return parser.parse_args(argv)
+
+
+def load_diffusers(folder: Path, device: str):
+    from diffusers import StableDiffusionPipeline
+
+    from t2i.diffusion.samplers import SAMPLERS
+
+    # diffusers as its users run it: fp32 on the CPU, bf16 on a GPU.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+                                                   requires_safety_checker=False).to(device)
+    scheduler_class, settings = SAMPLERS["dpmpp_2m"]
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_t2i(folder: Path, args: argparse.Namespace):
+    from t2i import Text2ImagePipeline
+    from t2i.pipeline.speed import SpeedOptions
+
+    options = SpeedOptions(compile=args.compile, channels_last=args.channels_last, fuse_qkv=args.fuse_qkv,
+                           cuda_graphs=args.cuda_graphs)
+    pipe = Text2ImagePipeline.from_pretrained(folder, device=args.device, dtype=DTYPES[args.dtype])
+    return pipe.speed_up(options)
+
+
+def generate(name: str, pipe, count: int, args: argparse.Namespace) -> np.ndarray:
+    """`count` images as uint8 (N, H, W, 3); image i from seed i in both pipelines."""
+    prompts = (PROMPTS * count)[:count]
+    if name == "diffusers":
+        generators = [torch.Generator("cpu").manual_seed(i) for i in range(count)]
+        images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generators,
+                      output_type="np").images
+        return (images * 255).round().astype(np.uint8)
+    images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=list(range(count)),
+                  sampler="dpmpp_2m")
+    return np.stack([np.asarray(image) for image in images])
+
+
+def timed(name: str, pipe, count: int, args: argparse.Namespace) -> tuple[float, np.ndarray]:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    images = generate(name, pipe, count, args)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, images
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def cold_start(name: str, folder: Path, args: argparse.Namespace) -> None:
+    """Child process: load, first image (timed together), then one batch for the peak memory; print JSON."""
+    started = time.perf_counter()
+    pipe = load_diffusers(folder, args.device) if name == "diffusers" else load_t2i(folder, args)
+    with torch.inference_mode():
+        timed(name, pipe, 1, args)
+        cold = time.perf_counter() - started
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        timed(name, pipe, args.batch, args)
+    print(json.dumps({"cold_start_s": cold, "peak_memory_mb": peak_memory_mb(args.device)}))
+
+
+def run_cold(name: str, cache_dir: Path, argv: list[str]) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}
+    result = subprocess.run([sys.executable, __file__, *argv, "--cold", name], env=env, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"the cold-start process for {name} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    folder = build_pipeline_folder(args.size, args.models_dir / args.size)
+    if args.cold:
+        cold_start(args.cold, folder, args)
+        return
+    pipes = {"diffusers": load_diffusers(folder, args.device), "t2i": load_t2i(folder, args)}
+    times: dict[str, dict[int, list[float]]] = {name: {args.batch: [], 1: []} for name in pipes}
+    images: dict[str, np.ndarray] = {}
+    with torch.inference_mode():
+        for name, pipe in pipes.items():  # warm-up (and, for t2i with --compile, compilation)
+            generate(name, pipe, args.batch, args)
+            generate(name, pipe, 1, args)
+        for _ in range(args.repeats):
+            for count in (args.batch, 1):
+                for name, pipe in pipes.items():
+                    seconds, batch_images = timed(name, pipe, count, args)
+                    times[name][count].append(seconds)
+                    if count == args.batch:
+                        images[name] = batch_images
+    worst = int(np.abs(images["t2i"].astype(int) - images["diffusers"].astype(int)).max())
+    figures = {name: {"images_per_s": args.batch / float(np.median(times[name][args.batch])),
+                      "s_per_image_b1": float(np.median(times[name][1]))} for name in pipes}
+    del pipes
+    if not args.no_cold:
+        child_argv = [a for a in argv if a != "--no-cold"]
+        for name in ("diffusers", "t2i"):
+            with tempfile.TemporaryDirectory() as cache:
+                empty = run_cold(name, Path(cache), child_argv)
+                warm = run_cold(name, Path(cache), child_argv)
+            figures[name].update(cold_start_empty_s=empty["cold_start_s"], cold_start_warm_s=warm["cold_start_s"],
+                                 peak_memory_mb=warm["peak_memory_mb"])
+    report(args, figures, worst)
+
+
+def report(args: argparse.Namespace, figures: dict, worst: int) -> None:
+    size = SIZES[args.size]
+    print(f"\nsize {args.size} ({size.resolution} px), device {args.device}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, {args.steps} DPM++ 2M steps, CFG {args.guidance}; t2i: dtype {args.dtype}, "
+          f"compile {args.compile}, channels_last {args.channels_last}, fuse_qkv {args.fuse_qkv}")
+    rows = [("images/s, batch %d" % args.batch, "images_per_s", True), ("s/image, batch 1", "s_per_image_b1", False),
+            ("cold start, empty cache, s", "cold_start_empty_s", False),
+            ("cold start, warm cache, s", "cold_start_warm_s", False), ("peak memory, MiB", "peak_memory_mb", False)]
+    print(f"| {'':<28} | {'diffusers':>10} | {'t2i':>10} | {'t2i/diffusers':>13} |")
+    print(f"|{'-' * 30}|{'-' * 12}|{'-' * 12}|{'-' * 15}|")
+    for label, key, _ in rows:
+        if key not in figures["t2i"]:
+            continue
+        ours, theirs = figures["t2i"][key], figures["diffusers"][key]
+        print(f"| {label:<28} | {theirs:>10.3f} | {ours:>10.3f} | {ours / theirs:>12.2f}× |")
+    print(f"| {'worst pixel difference':<28} | {'':>10} | {worst:>8}/255 | {'':>13} |")
+    speedup = figures["t2i"]["images_per_s"] / figures["diffusers"]["images_per_s"]
+    print(f"\ntargets (CPU, small): t2i ≥ 2× diffusers' images/s: {speedup:.2f}× "
+          f"{'met' if speedup >= 2 else 'NOT met'}; worst pixel difference ≤ 4/255: {worst}/255 "
+          f"{'met' if worst <= 4 else 'NOT met'}", end="")
+    warm = figures["t2i"].get("cold_start_warm_s")
+    print(f"; cold start with a warm cache ≤ 30 s: {warm:.1f} s {'met' if warm <= 30 else 'NOT met'}"
+          if warm is not None else "")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "figures": figures,
+                                         "worst_pixel_difference": worst}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

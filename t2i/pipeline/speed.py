@@ -1,0 +1,108 @@
+"""How fast the pipeline's networks run: switches that change images by rounding only.
+
+Each switch is measured on its own in docs/performance.md (`scripts/bench_generate.py`). The defaults are the
+ones that were faster on every size measured there; compilation is opt-in because its first call takes tens of
+seconds (later processes start warm from Inductor's on-disk cache, see `compile_cache_dir`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from t2i.errors import T2IError
+from t2i.precision import bf16_is_fast
+
+Compile = Literal["off", "blocks", "full"]
+COMPILE_MODES: tuple[str, ...] = ("off", "blocks", "full")
+NETWORK_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16")
+# Where Inductor keeps compiled kernels between processes, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "t2i" / "inductor"
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    """`dtype`: the networks' number format: "auto" is bf16 where it is fast (GPUs, CPUs with AMX), else fp32.
+    `compile`: "off"; "blocks" compiles each U-Net and VAE-decoder block on its own (blocks of one shape share
+    their compiled code: the shortest cold start); "full" compiles the U-Net and the VAE decoder whole.
+    `channels_last`: NHWC activations, which oneDNN's and cuDNN's convolutions prefer.
+    `fuse_qkv`: one projection for query, key and value (key and value in cross-attention).
+    `cuda_graphs`: on CUDA, replay the compiled U-Net as CUDA graphs (fixed shapes; needs compile)."""
+
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: Compile = "off"
+    channels_last: bool = True
+    fuse_qkv: bool = False
+    cuda_graphs: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in NETWORK_DTYPES:
+            raise T2IError(f"dtype must be one of {', '.join(NETWORK_DTYPES)}; got {self.dtype!r}")
+        if self.compile not in COMPILE_MODES:
+            raise T2IError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.cuda_graphs and self.compile == "off":
+            raise T2IError("cuda_graphs replays compiled code: set compile to 'blocks' or 'full' as well")
+
+
+def network_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The networks' dtype by name; "auto": bf16 where it is fast on `device` (t2i.precision), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def compile_cache_dir() -> Path:
+    """Point Inductor's on-disk caches (kernels, FX graphs, AOTAutograd) at a folder that outlives /tmp."""
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(DEFAULT_COMPILE_CACHE)))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: SpeedOptions,
+                        device: torch.device) -> None:
+    """Set up `unet` and `vae` (in place) to run as `options` say; call after moving them to their device."""
+    if options.cuda_graphs and device.type != "cuda":
+        raise T2IError("cuda_graphs needs a CUDA device")
+    if options.fuse_qkv:
+        unet.fuse_qkv_projections()
+    if options.channels_last:
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if options.compile == "off":
+        return
+    compile_cache_dir()
+    compile_options = _inductor_options(device, options)
+    if options.compile == "full":
+        unet.compile(fullgraph=True, options=compile_options)
+        vae.decoder.compile(options=compile_options)
+        return
+    for module in (*_blocks(unet), *_blocks(vae.decoder)):
+        module.compile(options=compile_options)
+
+
+def _inductor_options(device: torch.device, options: SpeedOptions) -> dict:
+    # Freezing folds the (inference-only) weights into the graph as constants, which lets Inductor pre-pack
+    # them for oneDNN's convolutions and matmuls on the CPU.
+    settings = {"freezing": True} if device.type == "cpu" else {}
+    if options.cuda_graphs:
+        settings["triton.cudagraphs"] = True
+    return settings
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated building blocks of a diffusers U-Net or VAE decoder: ResNet blocks, attention blocks
+    (transformers in the U-Net, plain attention in the VAE), up- and downsamplers."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+    from diffusers.models.upsampling import Upsample2D
+    from diffusers.models.downsampling import Downsample2D
+
+    kinds = (ResnetBlock2D, Transformer2DModel, Upsample2D, Downsample2D)
+    blocks = [m for m in model.modules() if isinstance(m, kinds)]
+    inside_transformer = {id(a) for t in blocks if isinstance(t, Transformer2DModel) for a in t.modules()}
+    blocks += [m for m in model.modules() if isinstance(m, Attention) and id(m) not in inside_transformer]
+    return blocks

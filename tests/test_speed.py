@@ -1,0 +1,165 @@
+"""The fast paths change results by rounding only, and each switch does what it says."""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from conftest import build_tiny_pipeline, tiny_config
+from t2i.errors import T2IError
+from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
+from t2i.precision import bf16_is_fast, resolve_mixed_precision
+
+PROMPTS = ["a large red circle", "a small blue square on the left"]
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images]).astype(int)
+
+
+def sample(pipe, sampler="dpmpp_2m"):
+    return pixels(pipe(PROMPTS, num_inference_steps=6, guidance_scale=4.0, seed=3, sampler=sampler))
+
+
+@pytest.fixture(scope="module")
+def fp32_images():
+    return sample(build_tiny_pipeline().to("cpu", torch.float32))
+
+
+def test_bad_speed_options_are_clear_errors():
+    with pytest.raises(T2IError, match="compile must be one of"):
+        SpeedOptions(compile="fast")
+    with pytest.raises(T2IError, match="cuda_graphs replays compiled code"):
+        SpeedOptions(cuda_graphs=True)
+    with pytest.raises(T2IError, match="dtype must be one of auto, fp32, bf16"):
+        SpeedOptions(dtype="fp8")
+    pipe = build_tiny_pipeline().to("cpu", torch.float32)
+    with pytest.raises(T2IError, match="cuda_graphs needs a CUDA device"):
+        apply_speed_options(pipe.unet, pipe.vae, SpeedOptions(compile="full", cuda_graphs=True), pipe.device)
+
+
+def test_bf16_networks_keep_latents_and_sampler_in_fp32(fp32_images):
+    pipe = build_tiny_pipeline().to("cpu", torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    context = pipe.encode_prompts(PROMPTS)
+    latents = pipe.denoise(context, pipe.encode_prompts(["", ""]), [3, 4], 4, 4.0, 16, 16, "euler")
+    assert latents.dtype == torch.float32
+    difference = np.abs(sample(pipe) - fp32_images)
+    assert difference.max() <= 8  # a random tiny model; the 18 M `small` one stays within 3 (performance.md)
+    assert difference.mean() < 1.0
+
+
+def test_channels_last_gives_the_plain_images(fp32_images):
+    pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32", channels_last=True))
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert np.abs(sample(pipe) - fp32_images).max() <= 1
+
+
+def test_fused_qkv_gives_the_plain_images(fp32_images):
+    pipe = build_tiny_pipeline().to("cpu", torch.float32)
+    pipe.speed_up(SpeedOptions(dtype="fp32", channels_last=False, fuse_qkv=True))
+    assert any(getattr(module, "fused_projections", False) for module in pipe.unet.modules())
+    assert np.abs(sample(pipe) - fp32_images).max() <= 1
+
+
+def test_compiled_blocks_give_the_plain_images(fp32_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32", compile="blocks"))
+    compiled = [m for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled, "no block of the U-Net was compiled"
+    assert np.abs(sample(pipe) - fp32_images).max() <= 1
+    assert any((tmp_path / "inductor").iterdir()), "Inductor wrote nothing to its on-disk cache"
+
+
+def test_auto_mixed_precision_follows_the_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_mixed_precision("no", cpu) == "no"
+    assert resolve_mixed_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr("t2i.precision.bf16_is_fast", lambda device: True)
+    assert resolve_mixed_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr("t2i.precision.bf16_is_fast", lambda device: False)
+    assert resolve_mixed_precision("auto", cpu) == "no"
+    assert isinstance(bf16_is_fast(cpu), bool)
+    assert network_dtype("auto", cpu) == (torch.bfloat16 if bf16_is_fast(cpu) else torch.float32)
+
+
+def test_loading_keeps_the_stored_precision_and_speed_up_picks_the_fast_one(tmp_path):
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    from t2i import Text2ImagePipeline
+
+    pipe = Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
+    assert pipe.unet.dtype == torch.float32  # export and fine-tuning save what they load
+    pipe.speed_up(SpeedOptions(dtype="auto"))
+    assert pipe.unet.dtype == pipe.dtype == network_dtype("auto", torch.device("cpu"))
+
+
+def test_bf16_training_on_cpu_uses_matmul_attention(tmp_path):
+    from t2i.training.interrupt import StopRequest
+    from t2i.training.loop import TrainLoop
+
+    pipe = build_tiny_pipeline().to("cpu", torch.float32)
+    config = tiny_config(tmp_path)
+    stage = _ToyStage(pipe.unet)
+    TrainLoop(stage, [], _with(config.train.unet, mixed_precision="bf16"), tmp_path / "bf16", pipe.device, {},
+              StopRequest())
+    assert all(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
+    fp32_unet = build_tiny_pipeline().to("cpu", torch.float32).unet
+    TrainLoop(_ToyStage(fp32_unet), [], _with(config.train.unet, mixed_precision="no"), tmp_path / "fp32",
+              pipe.device, {}, StopRequest())
+    assert all(isinstance(p, AttnProcessor2_0) for p in fp32_unet.attn_processors.values())
+
+
+def test_channels_last_training_matches_plain_training(tmp_path):
+    """The loop puts the model in NHWC; its loss and gradients equal NCHW's up to rounding. (Weights after a few
+    Adam steps are no test: Adam turns the rounding of near-zero gradients into whole learning-rate steps.)"""
+    from t2i.data.build import build_datasets
+    from t2i.data.loader import train_batches
+    from t2i.training.interrupt import StopRequest
+    from t2i.training.loop import TrainLoop
+    from t2i.training.randomness import BatchRandomness
+    from t2i.training.run import STAGES, StageInputs
+
+    config = tiny_config(tmp_path)
+    dataset, validation, _ = build_datasets(config.data, tmp_path, True)
+    batch = next(train_batches(dataset, 4, seed=0))
+    results = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        stage, _ = STAGES["vae"](StageInputs(config, tmp_path, dataset, validation, torch.device("cpu")))
+        train_config = _with(config.train.vae, channels_last=channels_last)
+        TrainLoop(stage, dataset, train_config, tmp_path / f"cl-{channels_last}", torch.device("cpu"), {},
+                  StopRequest())
+        assert stage.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+        rng = BatchRandomness(torch.Generator().manual_seed(0), 0, 1)
+        loss, _ = stage.loss(stage.model, batch, rng)
+        loss.backward()
+        results[channels_last] = loss.item(), [p.grad.clone() for p in stage.model.parameters()]
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-5)
+    for plain, nhwc in zip(results[False][1], results[True][1]):
+        assert torch.allclose(plain, nhwc, atol=1e-5 * float(plain.abs().max()) + 1e-8, rtol=1e-3)
+
+
+def test_trimmed_text_tower_equals_open_clips_encode_text():
+    text_encoder = build_tiny_pipeline().to("cpu", torch.float32).text_encoder
+    ids = text_encoder.tokenize(["a red circle", "a large blue square on the left of a small green triangle", ""]).ids
+    expected = text_encoder.clip.encode_text(ids)
+    assert torch.allclose(text_encoder.pooled_features(ids), expected, atol=1e-5)
+    assert math.isclose(float(expected.norm()), float(text_encoder.pooled_features(ids).norm()), rel_tol=1e-5)
+
+
+class _ToyStage:
+    name = "toy"
+
+    def __init__(self, model):
+        self.model = model
+
+    def loss(self, model, batch, rng):
+        raise AssertionError("not trained here")
+
+
+def _with(train_config, **changes):
+    from dataclasses import replace
+
+    return replace(copy.deepcopy(train_config), **changes)
