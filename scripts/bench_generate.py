@@ -31,7 +31,6 @@ from bench_models import SIZES, build_pipeline_folder  # noqa: E402
 PROMPTS = ["a red circle on a blue background", "a watercolor of a lighthouse at dusk", "a small green cube",
            "portrait of a cat wearing a hat", "a city street in the rain", "a bowl of fruit, oil painting",
            "an astronaut riding a horse", "mountains above a lake at sunrise"]
-DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of each pipeline")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                         help="t2i's network dtype (auto: t2i's default for the device)")
     parser.add_argument("--compile", choices=["off", "blocks", "full"], default="off")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--fuse-qkv", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "t2i-bench-models")
@@ -62,7 +61,7 @@ def load_diffusers(folder: Path, device: str):
 
     # diffusers as its users run it: fp32 on the CPU, bf16 on a GPU.
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
     scheduler_class, settings = SAMPLERS["dpmpp_2m"]
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config, **settings)
@@ -74,10 +73,9 @@ def load_t2i(folder: Path, args: argparse.Namespace):
     from t2i import Text2ImagePipeline
     from t2i.pipeline.speed import SpeedOptions
 
-    options = SpeedOptions(compile=args.compile, channels_last=args.channels_last, fuse_qkv=args.fuse_qkv,
-                           cuda_graphs=args.cuda_graphs)
-    pipe = Text2ImagePipeline.from_pretrained(folder, device=args.device, dtype=DTYPES[args.dtype])
-    return pipe.speed_up(options)
+    options = SpeedOptions(dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
+                           fuse_qkv=args.fuse_qkv, cuda_graphs=args.cuda_graphs)
+    return Text2ImagePipeline.from_pretrained(folder, device=args.device).speed_up(options)
 
 
 def generate(name: str, pipe, count: int, args: argparse.Namespace) -> np.ndarray:
@@ -106,7 +104,11 @@ def timed(name: str, pipe, count: int, args: argparse.Namespace) -> tuple[float,
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    # VmHWM: this process's own peak; getrusage's ru_maxrss would carry the parent's over exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cold_start(name: str, folder: Path, args: argparse.Namespace) -> None:

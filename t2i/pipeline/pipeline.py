@@ -110,14 +110,14 @@ class Text2ImagePipeline:
 
     # ----------------------------------------------------------------- sampling
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """Token states (B, L, D) for `prompts`; a prompt longer than the context is truncated and reported."""
         tokens = self.text_encoder.tokenize(prompts)
         report_truncation(prompts, tokens, self.text_encoder.context_length)
         return self.text_encoder(tokens.ids.to(self.device)).to(self.dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def __call__(
         self,
         prompt: str | Sequence[str],
@@ -165,7 +165,7 @@ class Text2ImagePipeline:
                 raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
         return height, width
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
                 guidance: float, height: int, width: int, sampler: str) -> torch.Tensor:
         """Latents (B, C, h, w) from token states (B, L, D) that callers may have encoded once and reused.
@@ -205,7 +205,7 @@ class Text2ImagePipeline:
                                   "or another sampler")
         return latents
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         config = self.vae.config
         latents = latents / config.scaling_factor

@@ -28,13 +28,14 @@ class SpeedOptions:
     """`dtype`: the networks' number format: "auto" is bf16 where it is fast (GPUs, CPUs with AMX), else fp32.
     `compile`: "off"; "blocks" compiles each U-Net and VAE-decoder block on its own (blocks of one shape share
     their compiled code: the shortest cold start); "full" compiles the U-Net and the VAE decoder whole.
-    `channels_last`: NHWC activations, which oneDNN's and cuDNN's convolutions prefer.
+    `channels_last`: NHWC activations: oneDNN's fp32 convolutions run up to 2x faster on them, but in bf16 the
+    GroupNorms (kept fp32) run 4x slower, so it is off by default (docs/performance.md).
     `fuse_qkv`: one projection for query, key and value (key and value in cross-attention).
     `cuda_graphs`: on CUDA, replay the compiled U-Net as CUDA graphs (fixed shapes; needs compile)."""
 
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Compile = "off"
-    channels_last: bool = True
+    channels_last: bool = False
     fuse_qkv: bool = False
     cuda_graphs: bool = False
 
