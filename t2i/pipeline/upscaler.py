@@ -38,7 +38,7 @@ class Upscaler:
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.alphas_cumprod = scheduler_alphas_cumprod(self.scheduler_config).float()
 
-    def with_unet(self, unet: UNet2DConditionModel) -> "Upscaler":
+    def with_unet(self, unet: UNet2DConditionModel) -> Upscaler:
         """The same settings around another U-Net (the weights in training, or their EMA)."""
         return Upscaler(unet, self.scheduler_config, self.factor, self.patch_size, self.residual,
                         self.max_noise_level, self.defaults)
@@ -119,7 +119,7 @@ class Upscaler:
 
     # ----------------------------------------------------------------- moving, saving, loading
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> "Upscaler":
+    def to(self, device: torch.device, dtype: torch.dtype) -> Upscaler:
         self.unet.to(device)
         if next(self.unet.parameters()).dtype != dtype:
             self.unet.to(dtype)
@@ -134,7 +134,7 @@ class Upscaler:
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
     @classmethod
-    def from_pretrained(cls, folder: Path, root: Path | None = None, allow_pickle: bool = False) -> "Upscaler":
+    def from_pretrained(cls, folder: Path, root: Path | None = None, allow_pickle: bool = False) -> Upscaler:
         root = root or folder
         settings = weight_files.check_json(folder / SETTINGS_FILE, root)
         weight_files.check_component(folder / UNET, root, allow_pickle)

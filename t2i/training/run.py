@@ -38,8 +38,8 @@ from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
 from t2i.errors import T2IError
-from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
 from t2i.models.sr_unet import build_sr_unet
+from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
 from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
