@@ -11,7 +11,13 @@ from safetensors.torch import load_file
 from t2i import Text2ImagePipeline
 from t2i.cli import main
 from t2i.config import load_config
-from t2i.diffusion.super_resolution import area_downsample, augment_condition, augmentation_alpha_bar, upsample
+from t2i.diffusion.super_resolution import (
+    area_downsample,
+    augment_condition,
+    augmentation_alpha_bar,
+    residual_scale,
+    upsample,
+)
 from t2i.errors import T2IError
 from t2i.models.sr_unet import build_sr_unet
 from t2i.pipeline.export import export_diffusers
@@ -31,7 +37,7 @@ def tiny_upscaler(pipe: Text2ImagePipeline, seed: int = 0) -> Upscaler:
     torch.manual_seed(seed)
     unet = build_sr_unet(config, pipe.text_encoder.hidden_size, 64)
     return Upscaler(unet, pipe.scheduler_config, config.factor, config.patch_size, config.residual,
-                    config.max_noise_level, {"num_inference_steps": 2, "noise_level": 20})
+                    config.max_noise_level, {"num_inference_steps": 2, "noise_level": 20}, residual_scale=4.0)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +64,12 @@ def test_area_downsample_averages_blocks_and_bicubic_keeps_flat_images():
     assert area_downsample(image, 2).flatten().tolist() == pytest.approx([2.5 / 16, 4.5 / 16, 10.5 / 16, 12.5 / 16])
     flat = torch.full((1, 3, 8, 8), 0.25)
     assert torch.allclose(upsample(flat, 2), torch.full((1, 3, 16, 16), 0.25))
+
+
+def test_the_residual_scale_gives_what_bicubic_misses_unit_variance():
+    high = torch.rand(4, 3, 16, 16) * 2 - 1
+    missed = high - upsample(area_downsample(high, 2), 2)
+    assert (missed * residual_scale(high, 2)).std().item() == pytest.approx(1.0, rel=1e-4)
 
 
 def test_the_stage_loss_and_the_network_take_the_shapes_they_should(cascade):
@@ -116,7 +128,7 @@ def test_a_pipeline_saves_and_loads_its_sr_stage(cascade, tmp_path):
     cascade.save_pretrained(tmp_path / "pipe")
     assert (tmp_path / "pipe" / "sr" / "sr.json").is_file()
     again = Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
-    assert again.sr.defaults == cascade.sr.defaults and again.sr.factor == 2
+    assert again.sr.defaults == cascade.sr.defaults and again.sr.factor == 2 and again.sr.residual_scale == 4.0
     images = cascade(PROMPTS, seed=1)
     assert _pixels(cascade.upscale(images, PROMPTS, seed=1)) == _pixels(again.upscale(images, PROMPTS, seed=1))
     build_tiny_pipeline().save_pretrained(tmp_path / "plain")

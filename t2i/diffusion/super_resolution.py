@@ -34,3 +34,9 @@ def augment_condition(low: torch.Tensor, noise: torch.Tensor, levels: torch.Tens
     q(x_t | x_0) (DDPM, eq. 4), one level per batch item; level 0 returns `low` exactly."""
     alpha_bar = augmentation_alpha_bar(levels, alphas_cumprod).to(low.device)
     return torch.where(levels.to(low.device).reshape(-1, 1, 1, 1) == 0, low, add_noise(low, noise, alpha_bar))
+
+
+def residual_scale(high: torch.Tensor, factor: int) -> float:
+    """1 / the standard deviation of what bicubic upsampling misses, high - up(down(high)), over `high`
+    (B, C, H, W): the factor that gives the residual unit variance, as a VAE's scaling factor does its latents."""
+    return 1.0 / (high - upsample(area_downsample(high, factor), factor)).float().std().clamp_min(1e-6).item()

@@ -30,10 +30,15 @@ class Upscaler:
     """An SR U-Net with what it needs to run: its factor, patch size, target, noise schedule and defaults."""
 
     def __init__(self, unet: UNet2DConditionModel, scheduler_config: dict, factor: int, patch_size: int = 1,
-                 residual: bool = False, max_noise_level: int | None = None, defaults: dict | None = None):
+                 residual: bool = False, max_noise_level: int | None = None, defaults: dict | None = None,
+                 residual_scale: float = 1.0):
+        """`residual_scale` multiplies the residual into the diffusion's space: 1 / its standard deviation on the
+        data, measured as the VAE's scaling factor is (a residual of std 0.05 under unit noise is all noise at
+        nearly every timestep, and the sampler's early errors would outweigh it)."""
         self.unet = unet.eval()
         self.scheduler_config = dict(scheduler_config)
         self.factor, self.patch_size, self.residual = factor, patch_size, residual
+        self.residual_scale = residual_scale
         self.max_noise_level = max_noise_level
         self.defaults = {**DEFAULTS, **(defaults or {})}
         self.alphas_cumprod = scheduler_alphas_cumprod(self.scheduler_config).float()
@@ -41,7 +46,7 @@ class Upscaler:
     def with_unet(self, unet: UNet2DConditionModel) -> Upscaler:
         """The same settings around another U-Net (the weights in training, or their EMA)."""
         return Upscaler(unet, self.scheduler_config, self.factor, self.patch_size, self.residual,
-                        self.max_noise_level, self.defaults)
+                        self.max_noise_level, self.defaults, self.residual_scale)
 
     # ----------------------------------------------------------------- the network's view
 
@@ -56,8 +61,8 @@ class Upscaler:
         return F.pixel_shuffle(output, self.patch_size)  # (B, 3, H, W)
 
     def target_image(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        """What the diffusion denoises: the high-resolution image, or its residual over bicubic upsampling."""
-        return high - upsample(low, self.factor) if self.residual else high
+        """What the diffusion denoises: the high-resolution image, or its scaled residual over bicubic upsampling."""
+        return (high - upsample(low, self.factor)) * self.residual_scale if self.residual else high
 
     def condition(self, low: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         """The low-resolution image, noised to `levels` and upsampled: (B, 3, h, w) -> (B, 3, f·h, f·w)."""
@@ -100,7 +105,7 @@ class Upscaler:
             x = scheduler.step(prediction, t, x).prev_sample
         if not torch.isfinite(x).all():
             raise T2IError(f"the SR stage produced non-finite pixels with sampler {sampler!r} at {steps} steps")
-        return (upsample(low, self.factor) + x if self.residual else x).clamp(-1, 1)
+        return (upsample(low, self.factor) + x / self.residual_scale if self.residual else x).clamp(-1, 1)
 
     def _check_level(self, noise_level: int) -> None:
         top = self.max_noise_level if self.max_noise_level is not None else len(self.alphas_cumprod)
@@ -129,7 +134,8 @@ class Upscaler:
         folder.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(folder / UNET)
         settings = {"factor": self.factor, "patch_size": self.patch_size, "residual": self.residual,
-                    "max_noise_level": self.max_noise_level, "scheduler": self.scheduler_config,
+                    "residual_scale": self.residual_scale, "max_noise_level": self.max_noise_level,
+                    "scheduler": self.scheduler_config,
                     "defaults": self.defaults}
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
 
@@ -142,6 +148,6 @@ class Upscaler:
             unet = UNet2DConditionModel.from_pretrained(folder / UNET, use_safetensors=None if allow_pickle else True)
         try:
             return cls(unet, settings["scheduler"], settings["factor"], settings["patch_size"], settings["residual"],
-                       settings.get("max_noise_level"), settings.get("defaults"))
+                       settings.get("max_noise_level"), settings.get("defaults"), settings.get("residual_scale", 1.0))
         except KeyError as missing:
             raise T2IError(f"'{folder / SETTINGS_FILE}' lacks the key {missing}; the SR stage is damaged") from None

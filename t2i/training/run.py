@@ -37,6 +37,7 @@ from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
+from t2i.diffusion.super_resolution import residual_scale
 from t2i.errors import T2IError
 from t2i.models.sr_unet import build_sr_unet
 from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
@@ -58,6 +59,7 @@ from t2i.training.stages.unet import UNetStage
 from t2i.training.stages.vae import VAEStage
 
 PREVIEW_PROMPTS = 8
+RESIDUAL_SAMPLE_SIZE = 1024  # images the SR stage's residual scale is measured on
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
@@ -218,8 +220,10 @@ def _sr_stage(inputs: StageInputs):
     high_data, _, _ = build_datasets(replace(config.data, resolution=sr_resolution(config)), None, False)
     text_encoder = load_text_encoder(config, inputs.run_dir)
     unet = build_sr_unet(config.sr, text_encoder.hidden_size, sr_resolution(config))
+    measured = next(iter(DataLoader(high_data, batch_size=RESIDUAL_SAMPLE_SIZE)))["pixel_values"]
     upscaler = Upscaler(unet, pipeline_scheduler_config(config), config.sr.factor, config.sr.patch_size,
-                        config.sr.residual, config.sr.max_noise_level, sr_defaults(config))
+                        config.sr.residual, config.sr.max_noise_level, sr_defaults(config),
+                        residual_scale(measured, config.sr.factor) if config.sr.residual else 1.0)
     preview = next(iter(DataLoader(high_data, batch_size=PREVIEW_PROMPTS)))
     stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device)
     if config.cache_text_states and (captions := _all_captions(high_data)) is not None:
