@@ -16,7 +16,9 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 Device = Literal["auto", "cpu", "cuda"]
 # "auto": bf16 where it is fast (GPUs with bf16, CPUs with AMX), else "no" (t2i.precision).
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]
-Stage = Literal["vae", "clip", "unet", "finetune"]
+# Sizes the shapes dataset is rendered at: 32 and 64 for the base model, 128 too as the target of a 4x stage sr.
+SHAPES_RESOLUTIONS = (32, 64, 128)
+Stage = Literal["vae", "clip", "unet", "sr", "finetune"]
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class DataConfig:
     def __post_init__(self):
         _check(self.size >= 1, "data.size must be at least 1")
         if self.dataset == "shapes":
-            _check(self.resolution in (32, 64), "data.resolution must be 32 or 64 for the shapes dataset")
+            _check(self.resolution in SHAPES_RESOLUTIONS,
+                   "data.resolution must be 32 or 64 for the shapes dataset (128 only as stage sr's target)")
             _check(not self.buckets.enabled, "data.buckets apply to user images, not the shapes dataset")
         else:
             _check(self.path is not None, f"data.dataset '{self.dataset}' needs data.path")
@@ -183,6 +186,53 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
+class SRConfig:
+    """Stage sr: a super-resolution diffusion U-Net in pixel space (cascaded diffusion, Ho et al. 2021).
+
+    It denoises the image `factor` times larger than data.resolution, conditioned on the low-resolution image
+    (bicubic-upsampled and concatenated on channels), on the text through cross-attention, and on the level of
+    Gaussian noise added to that image (the class embedding, as diffusers' StableDiffusionUpscalePipeline
+    passes `noise_level`). Noise schedule, parameterisation and caption dropout come from `diffusion`.
+    """
+
+    factor: Literal[2, 4] = 2
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_heads: int = 4
+    norm_num_groups: int = 8
+    cross_attention: tuple[bool, ...] = (False, False, True)
+    # Space-to-depth before the U-Net (pixel_unshuffle, as "simple diffusion", Hoogeboom et al. 2023, does with
+    # wavelets): the stock U-Net then runs at 1/patch_size of the resolution, patch_size² fewer positions.
+    patch_size: Literal[1, 2, 4] = 2
+    # Denoise the residual over the bicubic-upsampled low-resolution image (SRDiff, Li et al. 2022) instead of
+    # the image itself: an untrained model already gives bicubic, and training spends itself on the edges.
+    residual: bool = True
+    # Training: the conditioning-augmentation level is drawn uniformly from 0..max_noise_level per sample; level
+    # l noises the low-resolution image as l forward steps of the noise schedule do (0: left exact).
+    max_noise_level: int = 250
+    # Sampling defaults, saved with the pipeline: the augmentation level, steps, guidance scale and sampler.
+    noise_level: int = 50
+    steps: int = 20
+    guidance_scale: float = 1.0
+    sampler: str = "dpmpp_2m"
+
+    def __post_init__(self):
+        _check(len(self.cross_attention) == len(self.block_out_channels),
+               "sr.cross_attention needs one entry per sr.block_out_channels entry")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "sr.norm_num_groups must divide every entry of sr.block_out_channels")
+        _check(self.max_noise_level >= 0, "sr.max_noise_level must be >= 0")
+        _check(0 <= self.noise_level <= self.max_noise_level,
+               "sr.noise_level must lie in [0, sr.max_noise_level]: levels the stage was trained on")
+        _check(self.steps >= 1, "sr.steps must be at least 1")
+
+    @property
+    def alignment(self) -> int:
+        """High-resolution sides must be multiples of this: the patch size times the U-Net's downsampling."""
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
     prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
@@ -245,6 +295,7 @@ class StageTrainConfigs:
     vae: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, learning_rate=4e-3))
     clip: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, batch_size=128, learning_rate=2e-3))
     unet: TrainConfig = field(default_factory=TrainConfig)
+    sr: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, learning_rate=1e-3))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, batch_size=4, learning_rate=1e-4))
 
 
@@ -325,6 +376,7 @@ class RunConfig:
     train: StageTrainConfigs = field(default_factory=StageTrainConfigs)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sr: SRConfig = field(default_factory=SRConfig)
 
     def __post_init__(self):
         _check(self.local_processes >= 1, "local_processes must be at least 1")
@@ -336,6 +388,14 @@ class RunConfig:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "
                    "text_encoder.source is pretrained")
+        if "sr" in self.stages:
+            high = self.data.resolution * self.sr.factor
+            _check(self.data.dataset != "shapes" or high in SHAPES_RESOLUTIONS,
+                   f"stage 'sr' renders shapes at data.resolution x sr.factor = {high}; shapes are drawn at "
+                   f"{', '.join(map(str, SHAPES_RESOLUTIONS))} px")
+            _check(high % self.sr.alignment == 0,
+                   f"stage 'sr' trains at {high} px, which must be a multiple of {self.sr.alignment} (sr.patch_size "
+                   "times 2 per extra sr.block_out_channels level)")
 
 
 def _check(condition: bool, message: str) -> None:

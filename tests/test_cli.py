@@ -10,13 +10,15 @@ from t2i.cli import main
 from conftest import TINY_CONFIG
 
 OPTIONS = {
-    "demo": ["--out", "--device", "--config", "--set", "--resume-weights-only"],
+    "demo": ["--out", "--device", "--config", "--set", "--resume-weights-only", "--cascade"],
     "train": ["config", "--set", "--resume", "--resume-weights-only"],
     "finetune": ["--model", "--data", "--out", "--max-steps", "--resolution", "--batch-size", "--lr", "--lora-rank",
                  "--validation-prompts", "--checkpoint-every", "--image-column", "--caption-column",
                  "--allow-pickle", "--device", "--config", "--set", "--resume"],
     "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
-                 "--height", "--width", "--out", "--device", "--from-image", "--allow-pickle"],
+                 "--height", "--width", "--out", "--device", "--from-image", "--allow-pickle", "--upscale"],
+    "upscale": ["IMAGE", "--model", "--prompt", "--steps", "--guidance", "--noise-level", "--sampler", "--seed",
+                "--out", "--device", "--allow-pickle"],
     "batch": ["--model", "--prompts", "--out", "--batch-size", "--steps", "--guidance", "--sampler", "--negative",
               "--seed", "--height", "--width", "--num-images", "--skip-invalid", "--force", "--device", "--merge"],
     "export": ["--model", "--out", "--sampler", "--allow-pickle"],

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from t2i.eval.evaluate import Evaluation
+from t2i.eval.evaluate import Evaluation, Fidelity
 from t2i.eval.grid import make_grid
 
 IMAGE_SCALE = 3  # enlarge 32-px samples so a reader can see them
@@ -53,25 +53,60 @@ def loss_curves(run_dir: Path, stages: list[str]) -> Image.Image | None:
     return Image.open(buffer).convert("RGB")
 
 
+def _marks(verdict) -> str:
+    return " ".join(f"{name}:{'✓' if ok else '✗'}" for name, ok in verdict.attributes.items())
+
+
+def _image_cell(image: Image.Image) -> str:
+    big = image.resize((image.width * IMAGE_SCALE, image.height * IMAGE_SCALE), Image.NEAREST)
+    return f"<td><img src='{_png_data_uri(big)}'></td>"
+
+
+def _summary_rows(evaluation: Evaluation) -> list[str]:
+    rows = []
+    for category, scores in evaluation.summary.items():
+        cells = "".join(f"<td>{name}: {value:.2f}</td>" for name, value in scores.items())
+        rows.append(f"<tr><th>{category}</th>{cells}</tr>")
+    return rows
+
+
+def _cascade_html(upscaled: Evaluation, fidelity: Fidelity | None) -> str:
+    """The SR stage's section: judged accuracy of the upscaled images and held-out PSNR / SSIM."""
+    size = upscaled.images[0].width
+    section = f"<h2>Judged accuracy after the SR stage, at {size} px</h2><table>{''.join(_summary_rows(upscaled))}</table>"
+    if fidelity is not None:
+        section += (f"<p>Held-out images ({fidelity.images}), against the truth: SR PSNR {fidelity.psnr:.2f} dB, SSIM "
+                    f"{fidelity.ssim:.4f}; bicubic PSNR {fidelity.psnr_bicubic:.2f} dB, SSIM "
+                    f"{fidelity.ssim_bicubic:.4f}.</p>")
+    return section
+
+
 def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: list[str], timings: dict,
-                 settings: dict) -> tuple[Path, Path]:
-    """Write `grid.png` and `report.html` into `out_dir`; return their paths."""
+                 settings: dict, upscaled: Evaluation | None = None,
+                 fidelity: Fidelity | None = None) -> tuple[Path, Path]:
+    """Write `grid.png` and `report.html` into `out_dir` (and `grid_upscaled.png`, with `upscaled`: the same
+    images through the SR stage, shown beside the base ones); return the paths of the first two."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "grid.png"
     make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE).save(grid_path)
+    if upscaled is not None:
+        make_grid(upscaled.images, rows=max(1, len(upscaled.images) // 12), scale=IMAGE_SCALE).save(
+            out_dir / "grid_upscaled.png")
 
     rows = []
-    for prompt, category, image, verdict in zip(evaluation.prompts, evaluation.categories, evaluation.images,
-                                                evaluation.judgements):
-        marks = " ".join(f"{name}:{'✓' if ok else '✗'}" for name, ok in verdict.attributes.items())
-        big = image.resize((image.width * IMAGE_SCALE, image.height * IMAGE_SCALE), Image.NEAREST)
-        rows.append(f"<tr class='{'ok' if verdict.correct else 'bad'}'><td><img src='{_png_data_uri(big)}'></td>"
-                    f"<td>{html.escape(prompt)}</td><td>{category}</td><td>{marks}</td>"
-                    f"<td>{html.escape(verdict.found)}</td></tr>")
-    summary_rows = []
-    for category, scores in evaluation.summary.items():
-        cells = "".join(f"<td>{name}: {value:.2f}</td>" for name, value in scores.items())
-        summary_rows.append(f"<tr><th>{category}</th>{cells}</tr>")
+    for i, (prompt, category, image, verdict) in enumerate(zip(evaluation.prompts, evaluation.categories,
+                                                               evaluation.images, evaluation.judgements)):
+        cells = (f"{_image_cell(image)}<td>{html.escape(prompt)}</td><td>{category}</td><td>{_marks(verdict)}</td>"
+                 f"<td>{html.escape(verdict.found)}</td>")
+        if upscaled is not None:
+            high = upscaled.judgements[i]
+            cells += f"{_image_cell(upscaled.images[i])}<td>{_marks(high)}</td><td>{html.escape(high.found)}</td>"
+        rows.append(f"<tr class='{'ok' if verdict.correct else 'bad'}'>{cells}</tr>")
+    summary_rows = _summary_rows(evaluation)
+    header = "<tr><th>image</th><th>prompt</th><th>category</th><th>judged</th><th>found</th>"
+    if upscaled is not None:
+        header += "<th>upscaled</th><th>judged</th><th>found</th>"
+    cascade = _cascade_html(upscaled, fidelity) if upscaled is not None else ""
     curves = loss_curves(run_dir, stages)
     curves_html = f"<img src='{_png_data_uri(curves)}'>" if curves else "<p>no metrics recorded</p>"
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
@@ -81,9 +116,9 @@ tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-render
 <body><h1>t2i demo report</h1>
 <p>Sampling: {html.escape(json.dumps(settings))}</p>
 <h2>Judged accuracy (fraction of images)</h2><table>{''.join(summary_rows)}</table>
-<h2>Time</h2><table>{timing_rows}</table>
+{cascade}<h2>Time</h2><table>{timing_rows}</table>
 <h2>Loss curves</h2>{curves_html}
-<h2>Samples</h2><table><tr><th>image</th><th>prompt</th><th>category</th><th>judged</th><th>found</th></tr>
+<h2>Samples</h2><table>{header}</tr>
 {''.join(rows)}</table></body></html>"""
     report_path = out_dir / "report.html"
     report_path.write_text(page)

@@ -1,4 +1,5 @@
-"""Prompt -> images: text encoding, classifier-free-guided latent denoising, VAE decoding.
+"""Prompt -> images: text encoding, classifier-free-guided latent denoising, VAE decoding; optionally then the
+cascade's super-resolution stage (`upscale=True`, or `pipe.upscale(images, prompt)` for existing images).
 
 The sampling loop follows diffusers' `StableDiffusionPipeline` step for step (same noise draw, same scheduler
 calls, same post-processing), so a Stable Diffusion folder gives the same images through either.
@@ -24,6 +25,7 @@ from t2i.models.text_encoder import TextEncoder, report_truncation
 from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
+from t2i.pipeline.upscaler import Upscaler
 
 logger = logging.getLogger("t2i")
 
@@ -52,15 +54,17 @@ class NonFiniteSample(T2IError):
 
 
 class Text2ImagePipeline:
-    """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on."""
+    """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on; optionally
+    a super-resolution stage (`sr`) that upsamples their images, conditioned on the same text encoder."""
 
     def __init__(self, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
-                 scheduler_config: dict, defaults: dict | None = None):
+                 scheduler_config: dict, defaults: dict | None = None, sr: Upscaler | None = None):
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
         self.unet = unet.eval()
         self.scheduler_config = dict(scheduler_config)
         self.defaults = {"num_inference_steps": 30, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **(defaults or {})}
+        self.sr = sr
         self.device, self.dtype = self.unet.device, self.unet.dtype
 
     # ----------------------------------------------------------------- loading, saving, moving
@@ -78,7 +82,7 @@ class Text2ImagePipeline:
 
     def save_pretrained(self, path: str | Path) -> None:
         storage.save_components(Path(path), self.vae, self.text_encoder, self.unet, self.scheduler_config,
-                                self.defaults)
+                                self.defaults, self.sr)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
         self.device = resolve_device(device)
@@ -87,6 +91,8 @@ class Text2ImagePipeline:
             module.to(self.device)
             if next(module.parameters()).dtype != self.dtype:
                 torch.nn.Module.to(module, self.dtype)  # diffusers' own `to` warns at every dtype cast
+        if self.sr is not None:
+            self.sr.to(self.device, self.dtype)
         return self
 
     def speed_up(self, options: SpeedOptions | None = None) -> "Text2ImagePipeline":
@@ -130,8 +136,10 @@ class Text2ImagePipeline:
         sampler: str | None = None,
         batch_size: int | None = None,
         progress: bool = False,
+        upscale: bool = False,
     ) -> list[Image.Image]:
         """Images for `prompt` (one per prompt); image i is drawn from seed + i, or from seed[i] for a list.
+        With `upscale`, each image then goes through the SR stage (its own defaults), with the same prompt and seed.
 
         An image with seed s starts from the latents `StableDiffusionPipeline` draws for
         `generator=torch.Generator("cpu").manual_seed(s)`, on any device.
@@ -146,6 +154,8 @@ class Text2ImagePipeline:
         if steps < 1:
             raise T2IError(f"num_inference_steps must be at least 1; got {steps}")
         height, width = self._check_size(height or self.default_size, width or self.default_size)
+        if upscale:
+            self._require_sr().check_size(height, width)
 
         batch_size = batch_size or len(prompts)
         images: list[Image.Image] = []
@@ -155,8 +165,55 @@ class Text2ImagePipeline:
             context = self.encode_prompts(prompts[chunk])
             negative_context = self.encode_prompts(negatives[chunk]) if guidance != 1.0 else None
             latents = self.denoise(context, negative_context, seeds[chunk], steps, guidance, height, width, sampler)
-            images.extend(self.decode(latents))
+            base = self.decode(latents)
+            images.extend(self.upscale(base, prompts[chunk], negative_prompt=negatives[chunk], seed=seeds[chunk])
+                          if upscale else base)
         return images
+
+    def _require_sr(self) -> Upscaler:
+        if self.sr is None:
+            raise T2IError("this pipeline has no super-resolution stage (no sr/ folder); train one with stage 'sr' "
+                           "(t2i demo --cascade, or stages: [vae, clip, unet, sr])")
+        return self.sr
+
+    @torch.no_grad()
+    def upscale(
+        self,
+        images: Image.Image | Sequence[Image.Image],
+        prompt: str | Sequence[str],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        noise_level: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        sampler: str | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+    ) -> list[Image.Image]:
+        """`images` (all one size) made sr.factor times larger by the SR stage, each guided by its prompt (one
+        prompt for all, or one per image); image i's noise is drawn from seed + i, or from seed[i] for a list."""
+        sr = self._require_sr()
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        if not images:
+            raise T2IError("no image given to upscale")
+        prompts = _as_prompt_list(prompt)
+        prompts = prompts * len(images) if len(prompts) == 1 else prompts
+        if len(prompts) != len(images):
+            raise T2IError(f"got {len(prompts)} prompts for {len(images)} images; give one, or one per image")
+        negatives = _as_negative_list(negative_prompt, len(images))
+        if len({image.size for image in images}) > 1:
+            raise T2IError("images to upscale together must have one size; got "
+                           + ", ".join(sorted({f"{w}x{h}" for w, h in (image.size for image in images)})))
+        width, height = images[0].size
+        sr.check_size(height, width)
+        defaults = sr.defaults
+        guidance = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
+        pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+                              for image in images]).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, h, w) in [-1, 1]
+        high = sr.sample(pixels, self.encode_prompts(prompts),
+                         self.encode_prompts(negatives) if guidance != 1.0 else None, _as_seed_list(seed, len(images)),
+                         num_inference_steps if num_inference_steps is not None else defaults["num_inference_steps"],
+                         guidance, noise_level if noise_level is not None else defaults["noise_level"],
+                         sampler or defaults["sampler"])
+        return _to_pil(high)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.latent_factor
@@ -214,6 +271,12 @@ class Text2ImagePipeline:
         pixels = self.vae.decode(latents.to(self.dtype)).sample.float()
         pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
+
+
+def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as `Text2ImagePipeline.decode` rounds."""
+    pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
 
 
 def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:

@@ -1,7 +1,8 @@
 """Pipeline folders on disk: t2i's own layout and diffusers' Stable Diffusion layout.
 
 A t2i folder holds `t2i_pipeline.json` beside vae/, unet/, text_encoder/ (open_clip or Hugging Face CLIP),
-tokenizer/ (Hugging Face only) and scheduler/. A folder is written under a temporary name and swapped in
+tokenizer/ (Hugging Face only) and scheduler/. Either layout may hold sr/, the cascade's optional
+super-resolution stage (t2i.pipeline.upscaler), which diffusers itself ignores. A folder is written under a temporary name and swapped in
 when complete (t2i.atomic), so a crash never leaves a half-written pipeline, nor none, behind.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ from t2i.atomic import write_folder
 from t2i.errors import T2IError
 from t2i.models import weight_files
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
+from t2i.pipeline.upscaler import Upscaler
 
 MANIFEST = "t2i_pipeline.json"
 DIFFUSERS_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 FORMAT_VERSION = 1
+SR = "sr"
 COMPONENT_NAMES = {"vae": "VAE", "unet": "U-Net"}
 
 
@@ -30,9 +33,9 @@ def load_components(path: Path, allow_pickle: bool = False) -> dict:
     if not path.is_dir():
         raise T2IError(f"model path '{path}' is a file; expected a pipeline folder")
     if (path / MANIFEST).is_file():
-        return _load_t2i(path, allow_pickle)
+        return {**_load_t2i(path, allow_pickle), "sr": _load_sr(path, allow_pickle)}
     if (path / DIFFUSERS_INDEX).is_file():
-        return _load_diffusers(path, allow_pickle)
+        return {**_load_diffusers(path, allow_pickle), "sr": _load_sr(path, allow_pickle)}
     raise T2IError(f"'{path}' is neither a t2i pipeline (no {MANIFEST}) nor a diffusers Stable Diffusion "
                    f"folder (no {DIFFUSERS_INDEX})")
 
@@ -90,14 +93,20 @@ def _load_hf_text_encoder(path: Path, allow_pickle: bool, clip_skip: int = 0) ->
         return HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer", clip_skip, allow_pickle)
 
 
+def _load_sr(path: Path, allow_pickle: bool) -> Upscaler | None:
+    return Upscaler.from_pretrained(path / SR, path, allow_pickle) if (path / SR).is_dir() else None
+
+
 def _read_scheduler_config(path: Path) -> dict:
     config = weight_files.check_json(path / SCHEDULER_CONFIG, path)
     return {key: value for key, value in config.items() if not key.startswith("_")}
 
 
 def save_components(path: Path, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
-                    scheduler_config: dict, defaults: dict) -> None:
+                    scheduler_config: dict, defaults: dict, sr: Upscaler | None = None) -> None:
     with write_folder(path, "pipeline") as staging:
+        if sr is not None:
+            sr.save_pretrained(staging / SR)
         vae.save_pretrained(staging / "vae")
         unet.save_pretrained(staging / "unet")
         if isinstance(text_encoder, HFClipTextEncoder):

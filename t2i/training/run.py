@@ -4,6 +4,7 @@
     run_dir/vae/final            AutoencoderKL (diffusers format, measured scaling factor)
     run_dir/clip/final           open_clip text encoder (when trained here)
     run_dir/unet/final           UNet2DConditionModel
+    run_dir/sr/final             the cascade's super-resolution stage (t2i.pipeline.upscaler)
     run_dir/finetune/final       the fine-tuned pipeline (pipeline/) and its LoRA adapters (lora/, diffusers' layout)
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
@@ -18,7 +19,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from t2i.atomic import write_folder
 from t2i.config import RunConfig
@@ -36,13 +37,16 @@ from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
+from t2i.diffusion.super_resolution import residual_scale
 from t2i.errors import T2IError
+from t2i.models.sr_unet import build_sr_unet
 from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
 from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
 from t2i.pipeline.hub import resolve_model
 from t2i.pipeline.pipeline import resolve_device
+from t2i.pipeline.upscaler import Upscaler
 from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
@@ -50,10 +54,12 @@ from t2i.training.loop import FINAL, train
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
 from t2i.training.stages.finetune import FinetuneStage
+from t2i.training.stages.sr import SRStage
 from t2i.training.stages.unet import UNetStage
 from t2i.training.stages.vae import VAEStage
 
 PREVIEW_PROMPTS = 8
+RESIDUAL_SAMPLE_SIZE = 1024  # images the SR stage's residual scale is measured on
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
@@ -70,6 +76,16 @@ def load_text_encoder(config: RunConfig, run_dir: Path) -> TextEncoder:
     if not folder.is_dir():
         raise T2IError(f"no trained text encoder at '{folder}': add 'clip' to stages, or train it first")
     return OpenClipTextEncoder.load(folder, config.text_encoder.clip_skip)
+
+
+def load_sr(config: RunConfig, run_dir: Path) -> Upscaler:
+    """The trained SR stage, with the sampling defaults of the config (which may have changed since)."""
+    folder = run_dir / "sr" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained SR stage at '{folder}': add 'sr' to stages, or train it first")
+    upscaler = Upscaler.from_pretrained(folder)
+    upscaler.defaults.update(sr_defaults(config))
+    return upscaler
 
 
 def pipeline_scheduler_config(config: RunConfig) -> dict:
@@ -198,9 +214,37 @@ def _finetune_stage(inputs: StageInputs):
     return stage, _prepared_data(config, stage, inputs.dataset)
 
 
+def _sr_stage(inputs: StageInputs):
+    """The super-resolution stage, on the data rendered (or loaded) at sr.factor x data.resolution."""
+    config = inputs.config
+    high_data, _, _ = build_datasets(replace(config.data, resolution=sr_resolution(config)), None, False)
+    text_encoder = load_text_encoder(config, inputs.run_dir)
+    unet = build_sr_unet(config.sr, text_encoder.hidden_size, sr_resolution(config))
+    measured = next(iter(DataLoader(high_data, batch_size=RESIDUAL_SAMPLE_SIZE)))["pixel_values"]
+    upscaler = Upscaler(unet, pipeline_scheduler_config(config), config.sr.factor, config.sr.patch_size,
+                        config.sr.residual, config.sr.max_noise_level, sr_defaults(config),
+                        residual_scale(measured, config.sr.factor) if config.sr.residual else 1.0)
+    preview = next(iter(DataLoader(high_data, batch_size=PREVIEW_PROMPTS)))
+    stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device)
+    if config.cache_text_states and (captions := _all_captions(high_data)) is not None:
+        stage.cache_text_states(captions, _cache_dir(config))
+    return stage, high_data
+
+
+def sr_resolution(config: RunConfig) -> int:
+    return config.data.resolution * config.sr.factor
+
+
+def sr_defaults(config: RunConfig) -> dict:
+    """The SR stage's sampling defaults, saved with it."""
+    sr = config.sr
+    return {"num_inference_steps": sr.steps, "guidance_scale": sr.guidance_scale, "sampler": sr.sampler,
+            "noise_level": sr.noise_level}
+
+
 # Stage name -> builder of (stage, the data it trains on); a new stage is one builder and one line here.
 STAGES: dict[str, Callable[[StageInputs], tuple]] = {
-    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "finetune": _finetune_stage}
+    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "sr": _sr_stage, "finetune": _finetune_stage}
 
 
 def _prepared_data(config: RunConfig, stage: UNetStage, dataset: Dataset) -> Dataset:
@@ -276,6 +320,7 @@ def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
         pipeline_scheduler_config(config),
         defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                   "sampler": sampling.sampler},
+        sr=load_sr(config, run_dir) if "sr" in config.stages else None,
     )
     pipe.save_pretrained(run_dir / "pipeline")
     return run_dir / "pipeline"
