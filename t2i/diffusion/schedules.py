@@ -83,3 +83,22 @@ def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str) ->
         "steps_offset": 1,
         "timestep_spacing": "leading" if schedule == "scaled_linear" else "trailing",
     }
+
+
+def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """σ = √((1 − ᾱ) / ᾱ) = 1/√SNR: the noise scale of x_t / √ᾱ = x_0 + σ ε (Karras et al. 2022, §2)."""
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """ᾱ = 1 / (1 + σ²), the inverse of `sigma_from_alpha_bar`."""
+    return 1 / (1 + sigma**2)
+
+
+def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """`count` noise levels σ_i = (σ_max^(1/ρ) + i/(n−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, then 0 (Karras et al. 2022,
+    eq. 5); ρ = 7 spends the steps near σ_min, where detail forms."""
+    ramp = torch.linspace(0, 1, count, dtype=torch.float64)
+    inverse_min, inverse_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inverse_max + ramp * (inverse_min - inverse_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
