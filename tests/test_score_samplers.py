@@ -1,16 +1,22 @@
 """The samplers and the ODE likelihood written in t2i, on a 2-D Gaussian mixture whose score and density are known
 in closed form at every noise level (no network): each must reproduce the distribution it is meant to."""
+import inspect
 import math
 
 import pytest
 import torch
+from diffusers import HeunDiscreteScheduler
 
 from t2i.diffusion import score_samplers as samplers
 from t2i.diffusion.likelihood import bits_per_dim, ode_log_likelihood, prior_log_prob
 from t2i.diffusion.ode import solve_ode
+from t2i.diffusion.parameterization import velocity
+from t2i.diffusion.samplers import SAMPLERS as SCHEDULER_SAMPLERS
+from t2i.diffusion.samplers import make_scheduler
 from t2i.diffusion.schedules import (
     alpha_bar_from_sigma,
     karras_sigmas,
+    scheduler_config,
     sigma_from_alpha_bar,
 )
 from t2i.diffusion.toy import three_mode_mixture
@@ -165,3 +171,51 @@ def test_prior_is_the_unit_gaussian_in_scaled_coordinates():
     sigma = 7.0
     expected = torch.distributions.Normal(0.0, math.sqrt(1 + sigma**2)).log_prob(x).sum(1)
     assert torch.allclose(prior_log_prob(x, sigma), expected)
+
+
+def oracle_model(prediction: str, alphas_cumprod: torch.Tensor):
+    """The network output (ε or v) that the mixture's exact denoiser implies at input x_t and timestep t."""
+    log_sigmas = sigma_from_alpha_bar(alphas_cumprod.double()).log()
+
+    def model(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        position = float(t)
+        low = min(int(position), len(log_sigmas) - 2)
+        sigma = (log_sigmas[low] + (position - low) * (log_sigmas[low + 1] - log_sigmas[low])).exp()
+        alpha_bar = alpha_bar_from_sigma(sigma)
+        x0 = MIXTURE.denoise(xt / alpha_bar.sqrt(), sigma)
+        eps = (xt - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        return velocity(x0, eps, alpha_bar) if prediction == "v_prediction" else eps
+
+    return model
+
+
+def sample_with_scheduler(scheduler, steps: int, prediction: str) -> torch.Tensor:
+    """The pipeline's loop (scale_model_input, model, step) over 2-D 'latents', with the oracle as the model."""
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(COUNT, 2, dtype=torch.float64, generator=generator) * scheduler.init_noise_sigma
+    model = oracle_model(prediction, scheduler.alphas_cumprod)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    if hasattr(scheduler, "noise_sampler_seed"):
+        scheduler.noise_sampler_seed = 0
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x, **step_kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("sampler", SCHEDULER_SAMPLERS)
+def test_every_diffusers_sampler_reproduces_the_mixture_on_the_cosine_schedule(sampler):
+    config = scheduler_config("cosine", 1000, "v_prediction")
+    assert_reproduces_mixture(sample_with_scheduler(make_scheduler(sampler, config), 100, "v_prediction"))
+
+
+def test_heun_from_the_cosine_schedules_last_sigma_needs_an_euler_first_step():
+    """diffusers' Heun takes its first step from σ_T ≈ 2·10⁴ to σ ≈ 26 with the trapezoid rule, which multiplies
+    the second slope's x̂_0/σ term by σ_T: the samples land far from the data (t2i's `heun` steps Euler there)."""
+    config = scheduler_config("cosine", 1000, "v_prediction")
+    with pytest.raises(AssertionError):
+        assert_reproduces_mixture(sample_with_scheduler(HeunDiscreteScheduler.from_config(config), 40, "v_prediction"))
+    heun = make_scheduler("heun", config)
+    assert_reproduces_mixture(sample_with_scheduler(heun, 40, "v_prediction"))
+    heun.set_timesteps(40)
+    assert len(heun.timesteps) == 2 * 40 - 2  # one evaluation for the Euler step, two for each later step
