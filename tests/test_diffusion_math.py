@@ -6,15 +6,32 @@ import torch
 from diffusers import DDPMScheduler
 
 from t2i.config import TrainConfig
-from t2i.diffusion.guidance import classifier_free_guidance, dynamic_threshold, rescale_guidance
+from t2i.diffusion.guidance import (
+    classifier_free_guidance,
+    dynamic_threshold,
+    rescale_guidance,
+)
 from t2i.diffusion.losses import diffusion_loss, min_snr_weights
 from t2i.diffusion.parameterization import (
-    add_noise, eps_from_v, training_target, velocity, x0_from_eps, x0_from_prediction, x0_from_v,
+    add_noise,
+    eps_from_v,
+    training_target,
+    velocity,
+    x0_from_eps,
+    x0_from_prediction,
+    x0_from_v,
 )
 from t2i.diffusion.samplers import SAMPLERS, make_scheduler
 from t2i.diffusion.schedules import (
-    COSINE_OFFSET, alphas_cumprod, betas, cosine_alpha_bar, log_snr, rescale_zero_terminal_snr, scheduler_config,
-    snr, timestep_from_sigma,
+    COSINE_OFFSET,
+    alphas_cumprod,
+    betas,
+    cosine_alpha_bar,
+    log_snr,
+    rescale_zero_terminal_snr,
+    scheduler_config,
+    snr,
+    timestep_from_sigma,
 )
 from t2i.errors import T2IError
 from t2i.training.loop import lr_multiplier
@@ -134,7 +151,9 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
 
 @pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
 def test_zero_terminal_snr_rescale_matches_lin_et_al_and_diffusers(schedule):
-    from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as diffusers_rescale
+    from diffusers.schedulers.scheduling_ddim import (
+        rescale_zero_terminal_snr as diffusers_rescale,
+    )
 
     original = betas(schedule, T)
     rescaled = rescale_zero_terminal_snr(original)

@@ -9,9 +9,18 @@ from __future__ import annotations
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from t2i.diffusion.guidance import classifier_free_guidance, dynamic_threshold, rescale_guidance
+from t2i.diffusion.guidance import (
+    classifier_free_guidance,
+    dynamic_threshold,
+    rescale_guidance,
+)
 from t2i.diffusion.parameterization import x0_from_prediction
-from t2i.diffusion.schedules import alpha_bar_from_sigma, scheduler_alphas_cumprod, sigma_from_alpha_bar, timestep_from_sigma
+from t2i.diffusion.schedules import (
+    alpha_bar_from_sigma,
+    scheduler_alphas_cumprod,
+    sigma_from_alpha_bar,
+    timestep_from_sigma,
+)
 from t2i.diffusion.score_samplers import Denoiser
 
 
