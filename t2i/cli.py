@@ -108,7 +108,15 @@ def _parser() -> argparse.ArgumentParser:
                           help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                          help="sampling method (default: the pipeline's, dpmpp_2m)")
+                          help="sampling method (default: the pipeline's, dpmpp_2m); see docs/samplers.md")
+    generate.add_argument("--eta", type=float, default=0.0,
+                          help="DDIM's eta with --sampler ddim: 0 deterministic (default), 1 DDPM-like noise")
+    generate.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                          help="rescale the guided prediction to the conditional one's spread (Lin et al. 2023); "
+                               "0 off (default), 0.7 as in the paper")
+    generate.add_argument("--dynamic-threshold", type=float, default=None, metavar="PERCENTILE",
+                          help="Imagen's dynamic thresholding of the predicted latents at this percentile, e.g. "
+                               "0.995 (default: off)")
     generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")
     generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: trained size)")
@@ -284,7 +292,8 @@ def _generate(args) -> None:
     pipe.speed_up(SpeedOptions(dtype=args.dtype, compile=args.compile))
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
-                  sampler=args.sampler, progress=True, upscale=args.upscale)
+                  sampler=args.sampler, progress=True, upscale=args.upscale, eta=args.eta,
+                  guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold)
     _save_images(images, args.out)
 
 

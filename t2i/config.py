@@ -235,7 +235,7 @@ class SRConfig:
 @dataclass(frozen=True)
 class DiffusionConfig:
     schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
-    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
+    prediction: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # sample: the network predicts x_0
     num_train_timesteps: int = 1000
     # Probability of training on the empty prompt, so that classifier-free guidance works.
     caption_dropout: float = 0.1

@@ -347,3 +347,13 @@ def test_gallery_loads_every_image_in_headless_chromium(model, tmp_path):
     assert "&lt;b&gt;a tag&lt;/b&gt; &amp; an ampersand" in (out / "index.html").read_text()
     next((out / "images").glob("*.png")).unlink()
     assert broken_images() == "1"  # the check itself can fail
+
+
+def test_items_may_name_the_samplers_written_in_t2i(model, tmp_path):
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "id": "pc", "sampler": "pc"},
+                                           {"prompt": "a red circle", "id": "ode", "sampler": "pf_ode"}])
+    out = tmp_path / "out"
+    run(model, prompts, out)
+    assert {r["id"]: r["sampler"] for r in manifest_of(out)} == {"pc": "pc", "ode": "pf_ode"}
+    text = Image.open(out / "images" / "pc-0.png").info["parameters"]
+    assert parse_parameters(text)["sampler"] == "pc"

@@ -15,7 +15,8 @@ OPTIONS = {
     "finetune": ["--model", "--data", "--out", "--max-steps", "--resolution", "--batch-size", "--lr", "--lora-rank",
                  "--validation-prompts", "--checkpoint-every", "--image-column", "--caption-column",
                  "--allow-pickle", "--device", "--config", "--set", "--resume"],
-    "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--num-images",
+    "generate": ["prompt", "--model", "--negative", "--steps", "--guidance", "--seed", "--sampler", "--eta",
+                 "--guidance-rescale", "--dynamic-threshold", "--num-images",
                  "--height", "--width", "--out", "--device", "--from-image", "--allow-pickle", "--upscale"],
     "upscale": ["IMAGE", "--model", "--prompt", "--steps", "--guidance", "--noise-level", "--sampler", "--seed",
                 "--out", "--device", "--allow-pickle"],
@@ -43,9 +44,9 @@ def test_console_script_runs():
 
 def test_sampler_names_for_the_command_line_equal_the_registry():
     from t2i.diffusion.sampler_names import SAMPLER_NAMES
-    from t2i.diffusion.samplers import SAMPLERS
+    from t2i.diffusion.samplers import ALL_SAMPLERS
 
-    assert SAMPLER_NAMES == tuple(SAMPLERS)
+    assert SAMPLER_NAMES == ALL_SAMPLERS
 
 
 @pytest.mark.parametrize("command", [[], *([name] for name in OPTIONS)])
@@ -63,6 +64,14 @@ def test_generate_writes_images(trained_run, tmp_path, capsys):
                  "--steps", "3", "--seed", "4", "--sampler", "euler", "--out", str(out)]) == 0
     for i in range(2):
         assert Image.open(tmp_path / f"red-{i}.png").size == (32, 32)
+
+
+@pytest.mark.parametrize("sampler", ["pc", "annealed_langevin", "pf_ode"])
+def test_generate_with_a_sampler_written_in_t2i(trained_run, tmp_path, sampler):
+    out = tmp_path / f"{sampler}.png"
+    assert main(["generate", "--model", str(trained_run / "pipeline"), "a large red circle", "--steps", "2",
+                 "--sampler", sampler, "--out", str(out)]) == 0
+    assert Image.open(out).size == (32, 32)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -6,14 +6,32 @@ import torch
 from diffusers import DDPMScheduler
 
 from t2i.config import TrainConfig
-from t2i.diffusion.guidance import classifier_free_guidance
+from t2i.diffusion.guidance import (
+    classifier_free_guidance,
+    dynamic_threshold,
+    rescale_guidance,
+)
 from t2i.diffusion.losses import diffusion_loss, min_snr_weights
 from t2i.diffusion.parameterization import (
-    add_noise, eps_from_v, training_target, velocity, x0_from_eps, x0_from_v,
+    add_noise,
+    eps_from_v,
+    training_target,
+    velocity,
+    x0_from_eps,
+    x0_from_prediction,
+    x0_from_v,
 )
 from t2i.diffusion.samplers import SAMPLERS, make_scheduler
 from t2i.diffusion.schedules import (
-    COSINE_OFFSET, alphas_cumprod, betas, cosine_alpha_bar, scheduler_config, snr,
+    COSINE_OFFSET,
+    alphas_cumprod,
+    betas,
+    cosine_alpha_bar,
+    log_snr,
+    rescale_zero_terminal_snr,
+    scheduler_config,
+    snr,
+    timestep_from_sigma,
 )
 from t2i.errors import T2IError
 from t2i.training.loop import lr_multiplier
@@ -76,8 +94,11 @@ def test_parameterisations_invert_each_other():
     assert torch.allclose(eps_from_v(xt, v, a), eps)
     assert torch.equal(training_target("epsilon", x0, eps, a), eps)
     assert torch.allclose(training_target("v_prediction", x0, eps, a), v)
-    with pytest.raises(ValueError, match="valid: epsilon, v_prediction"):
-        training_target("sample", x0, eps, a)
+    assert torch.equal(training_target("sample", x0, eps, a), x0)
+    assert torch.allclose(x0_from_prediction("sample", xt, x0, a), x0)
+    assert torch.allclose(x0_from_prediction("v_prediction", xt, v, a), x0)
+    with pytest.raises(ValueError, match="valid: epsilon, v_prediction, sample"):
+        training_target("x0", x0, eps, a)
 
 
 def test_min_snr_weights_known_values():
@@ -86,6 +107,7 @@ def test_min_snr_weights_known_values():
     v = min_snr_weights(a, gamma=5.0, prediction="v_prediction")
     assert eps.tolist() == pytest.approx([1.0, 5 / 9, 1.0])
     assert v.tolist() == pytest.approx([0.5, 5 / 10, (1 / 9) / (1 / 9 + 1)])
+    assert min_snr_weights(a, gamma=5.0, prediction="sample").tolist() == pytest.approx([1.0, 5.0, 1 / 9])
 
 
 def test_diffusion_loss_is_weighted_mse():
@@ -109,8 +131,11 @@ def test_every_sampler_builds_and_unknown_names_are_listed():
         scheduler = make_scheduler(name, config)
         scheduler.set_timesteps(5)
         assert scheduler.config.prediction_type == "v_prediction"
-    with pytest.raises(T2IError, match="unknown sampler 'plms'.*ddpm, ddim, dpmpp_2m, euler, euler_a, heun, unipc"):
+    with pytest.raises(T2IError, match="unknown sampler 'plms'.*ddpm, ddim, dpmpp_2m, dpmpp_sde, euler, euler_a, heun, "
+                                       "heun_karras, lms, unipc, pc, annealed_langevin, pf_ode"):
         make_scheduler("plms", config)
+    with pytest.raises(T2IError, match="sampler 'pc' is written in t2i and has no diffusers scheduler"):
+        make_scheduler("pc", config)
 
 
 def test_learning_rate_warms_up_then_decays_to_its_floor():
@@ -122,3 +147,45 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     linear = TrainConfig(steps=100, lr_schedule="linear", final_learning_rate_fraction=0.0)
     assert lr_multiplier(50, linear) == pytest.approx(0.5)
     assert lr_multiplier(50, TrainConfig(steps=100, lr_schedule="constant")) == 1.0
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr_rescale_matches_lin_et_al_and_diffusers(schedule):
+    from diffusers.schedulers.scheduling_ddim import (
+        rescale_zero_terminal_snr as diffusers_rescale,
+    )
+
+    original = betas(schedule, T)
+    rescaled = rescale_zero_terminal_snr(original)
+    alpha_bar = torch.cumprod(1 - rescaled, dim=0)
+    assert alpha_bar[-1].item() == pytest.approx(0.0, abs=1e-12)  # SNR(T) = 0: the last step is pure noise
+    assert alpha_bar[0].item() == pytest.approx(torch.cumprod(1 - original, 0)[0].item())  # the first is kept
+    assert torch.allclose(rescaled.float(), diffusers_rescale(original.float()), atol=1e-5)
+
+
+def test_log_snr_and_timestep_from_sigma():
+    assert log_snr(torch.tensor(0.5)).item() == pytest.approx(0.0)
+    assert log_snr(torch.tensor(0.8)).item() == pytest.approx(math.log(4.0))
+    train_sigmas = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
+    t = timestep_from_sigma(torch.tensor([0.1, 1.0, 10 ** 0.5, 10.0], dtype=torch.float64), train_sigmas)
+    assert t.tolist() == pytest.approx([0.0, 1.0, 1.5, 2.0])
+
+
+def test_guidance_rescale_matches_the_conditional_spread():
+    cond, uncond = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    guided = classifier_free_guidance(uncond, cond, 7.0)
+    rescaled = rescale_guidance(guided, cond, 1.0)
+    assert torch.allclose(rescaled.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), rtol=1e-5)
+    assert torch.equal(rescale_guidance(guided, cond, 0.0), guided)
+    assert torch.allclose(rescale_guidance(guided, cond, 0.7), 0.7 * rescaled + 0.3 * guided)
+
+
+def test_dynamic_threshold_leaves_small_values_and_squeezes_saturated_ones():
+    calm = torch.rand(2, 3, 4, 4) * 1.8 - 0.9
+    assert torch.equal(dynamic_threshold(calm), calm)  # s = max(percentile, 1) = 1: nothing to do
+    loud = calm.clone()
+    loud[1] *= 4
+    out = dynamic_threshold(loud, percentile=1.0)
+    assert torch.equal(out[0], calm[0])
+    assert out[1].abs().max().item() == pytest.approx(1.0)
+    assert torch.allclose(out[1], loud[1] / loud[1].abs().max())

@@ -7,7 +7,7 @@ import pytest
 from conftest import build_tiny_pipeline
 
 from t2i import Text2ImagePipeline
-from t2i.diffusion.samplers import SAMPLERS
+from t2i.diffusion.samplers import ALL_SAMPLERS
 from t2i.errors import T2IError
 
 
@@ -48,7 +48,7 @@ def test_guidance_one_equals_the_conditional_prediction(tiny_pipeline):
     assert np.abs(unguided - guided).max() > 1
 
 
-@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
 def test_every_sampler_samples(tiny_pipeline, sampler):
     image = tiny_pipeline("a small red square", sampler=sampler, num_inference_steps=4, seed=0)[0]
     assert image.size == (32, 32)
@@ -124,3 +124,33 @@ def test_clip_skip_is_saved_with_the_pipeline(tmp_path):
     loaded = Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
     assert loaded.text_encoder.clip_skip == 1
     assert np.array_equal(pixels(loaded("a small red square", seed=3)), skipped)
+
+
+@pytest.mark.parametrize("sampler", ["pc", "dpmpp_sde", "euler_a"])
+def test_a_stochastic_sampler_draws_each_image_from_its_own_seed(tiny_pipeline, sampler):
+    steps = 4
+    together = tiny_pipeline(["a red circle", "a blue square"], seed=[4, 9], sampler=sampler, num_inference_steps=steps)
+    alone = tiny_pipeline("a blue square", seed=9, sampler=sampler, num_inference_steps=steps)
+    assert np.abs(pixels(together[1:]) - pixels(alone)).max() <= 1
+
+
+def test_ddim_eta_adds_noise_and_other_samplers_refuse_it(tiny_pipeline):
+    deterministic = pixels(tiny_pipeline("a red circle", sampler="ddim", seed=3, eta=0.0))
+    assert np.array_equal(deterministic, pixels(tiny_pipeline("a red circle", sampler="ddim", seed=3)))
+    noisy = pixels(tiny_pipeline("a red circle", sampler="ddim", seed=3, eta=1.0))
+    assert np.abs(noisy - deterministic).max() > 1
+    with pytest.raises(T2IError, match="eta 1.0 is DDIM's"):
+        tiny_pipeline("a red circle", sampler="euler", eta=1.0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "pc"])
+def test_guidance_rescale_and_dynamic_thresholding_change_the_image(tiny_pipeline, sampler):
+    plain = pixels(tiny_pipeline("a red circle", sampler=sampler, seed=3))
+    rescaled = pixels(tiny_pipeline("a red circle", sampler=sampler, seed=3, guidance_rescale=0.7))
+    thresholded = pixels(tiny_pipeline("a red circle", sampler=sampler, seed=3, dynamic_threshold=0.9))
+    assert np.abs(rescaled - plain).max() > 1 and np.abs(thresholded - plain).max() > 1
+
+
+def test_dynamic_thresholding_needs_a_sampler_that_sees_x0(tiny_pipeline):
+    with pytest.raises(T2IError, match="sampler 'euler' cannot threshold"):
+        tiny_pipeline("a red circle", sampler="euler", dynamic_threshold=0.995)

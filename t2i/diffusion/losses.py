@@ -14,6 +14,8 @@ def min_snr_weights(alpha_bar: torch.Tensor, gamma: float, prediction: Predictio
     """
     ratio = snr(alpha_bar)
     clipped = ratio.clamp(max=gamma)
+    if prediction == "sample":
+        return clipped
     return clipped / ratio if prediction == "epsilon" else clipped / (ratio + 1)
 
 

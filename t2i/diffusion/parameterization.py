@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-Prediction = Literal["epsilon", "v_prediction"]
+Prediction = Literal["epsilon", "v_prediction", "sample"]  # "sample" is x_0 itself, as diffusers names it
 
 
 def _per_item(alpha_bar: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -45,11 +45,25 @@ def eps_from_v(xt: torch.Tensor, v: torch.Tensor, alpha_bar: torch.Tensor) -> to
     return (1 - a).sqrt() * xt + a.sqrt() * v
 
 
+def x0_from_prediction(prediction: str, xt: torch.Tensor, output: torch.Tensor, alpha_bar: torch.Tensor,
+                       ) -> torch.Tensor:
+    """x̂_0 from a network's output under any parameterisation: ε, v, or x_0 itself ("sample")."""
+    if prediction == "epsilon":
+        return x0_from_eps(xt, output, alpha_bar)
+    if prediction == "v_prediction":
+        return x0_from_v(xt, output, alpha_bar)
+    if prediction == "sample":
+        return output
+    raise ValueError(f"unknown prediction {prediction!r}; valid: epsilon, v_prediction, sample")
+
+
 def training_target(prediction: Prediction, x0: torch.Tensor, noise: torch.Tensor,
                     alpha_bar: torch.Tensor) -> torch.Tensor:
-    """What the network learns to output for x_t: ε itself, or v."""
+    """What the network learns to output for x_t: ε itself, v, or x_0 (DDPM, §3.2, the parameterisation it set aside)."""
     if prediction == "epsilon":
         return noise
     if prediction == "v_prediction":
         return velocity(x0, noise, alpha_bar)
-    raise ValueError(f"unknown prediction {prediction!r}; valid: epsilon, v_prediction")
+    if prediction == "sample":
+        return x0
+    raise ValueError(f"unknown prediction {prediction!r}; valid: epsilon, v_prediction, sample")

@@ -1,38 +1,111 @@
-"""Samplers by name, each a diffusers scheduler built from the pipeline's saved scheduler config."""
+"""Samplers by name: diffusers schedulers built from the pipeline's saved scheduler config, and the samplers
+written in t2i (`score_samplers`), which see the model as a denoiser D(x, σ)."""
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
     UniPCMultistepScheduler,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from t2i.diffusion import score_samplers
 from t2i.errors import T2IError
+
+
+class HeunEulerStartScheduler(HeunDiscreteScheduler):
+    """Heun's method (Karras et al. 2022, Alg. 1) whose first step, from σ_max, is an Euler step.
+
+    With trailing timesteps σ_max is the schedule's last σ: about 2·10⁴ for the cosine schedule, 800 times the next
+    σ at 40 steps. Heun's correction averages the slope at σ_max with the slope at the next σ and multiplies by the
+    whole step, so the term x̂_0/σ_next of the second slope is amplified by σ_max/σ_next: the first step subtracts
+    hundreds of copies of the predicted image (a red circle comes out white). An Euler step from σ_max is exact in
+    the limit (it is the DDIM step, and x̂_0 there is the data mean); every later step is Heun's.
+    """
+
+    def set_timesteps(self, *args, **kwargs) -> None:
+        super().set_timesteps(*args, **kwargs)
+        if len(self.timesteps) > 1:  # drop the first step's second evaluation: σ0, σ1, σ1, σ2, σ2, … → σ0, σ1, σ2, σ2, …
+            self.sigmas = torch.cat([self.sigmas[:2], self.sigmas[3:]])
+            self.timesteps = torch.cat([self.timesteps[:1], self.timesteps[2:]])
+
+    def step(self, *args, **kwargs):
+        first = self.step_index in (None, 0)
+        output = super().step(*args, **kwargs)
+        if first:  # keep the Euler result; the next evaluation starts a fresh Heun step from σ1
+            self.prev_derivative = self.dt = self.sample = None
+        return output
+
 
 # name -> (scheduler class, settings that define the method on top of the shared noise schedule)
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "ddpm": (DDPMScheduler, {}),
     "ddim": (DDIMScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": (DPMSolverSDEScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_a": (EulerAncestralDiscreteScheduler, {}),
-    "heun": (HeunDiscreteScheduler, {}),
+    "heun": (HeunEulerStartScheduler, {}),
+    "heun_karras": (HeunDiscreteScheduler, {"use_karras_sigmas": True}),
+    "lms": (LMSDiscreteScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
 }
 
+# RK45 tolerances for images: Song et al.'s 1e-5 costs hundreds of U-Net calls per image; at 1e-3 the solver's error
+# is far below what the judge can see (docs/samplers.md).
+PIPELINE_ODE_TOLERANCE = 1e-3
+
+ScoreSampler = Callable[[score_samplers.Denoiser, torch.Tensor, torch.Tensor, score_samplers.Generator], torch.Tensor]
+
+# name -> sampler written in t2i, called as sampler(denoise, σ_0 · noise, sigmas ending in 0, per-item generators)
+SCORE_SAMPLERS: dict[str, ScoreSampler] = {
+    "pc": lambda denoise, x, sigmas, generator: score_samplers.sample_pc(denoise, x, sigmas, generator=generator),
+    "annealed_langevin": lambda denoise, x, sigmas, generator: score_samplers.sample_annealed_langevin(
+        denoise, x, sigmas, generator=generator),
+    "pf_ode": lambda denoise, x, sigmas, generator: score_samplers.sample_pf_ode(
+        denoise, x, sigmas, rtol=PIPELINE_ODE_TOLERANCE, atol=PIPELINE_ODE_TOLERANCE),
+}
+
+ALL_SAMPLERS = (*SAMPLERS, *SCORE_SAMPLERS)
+
 
 def check_sampler(name: str) -> None:
-    if name not in SAMPLERS:
-        raise T2IError(f"unknown sampler {name!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if name not in SAMPLERS and name not in SCORE_SAMPLERS:
+        raise T2IError(f"unknown sampler {name!r}; valid samplers: {', '.join(ALL_SAMPLERS)}")
 
 
-def make_scheduler(name: str, scheduler_config: dict) -> SchedulerMixin:
-    """A fresh scheduler of sampler `name` over the noise schedule in `scheduler_config` (any diffusers one)."""
+def make_scheduler(name: str, scheduler_config: dict, threshold_percentile: float | None = None) -> SchedulerMixin:
+    """A fresh scheduler of sampler `name` over the noise schedule in `scheduler_config` (any diffusers one), with
+    diffusers' own dynamic thresholding (Imagen's) at `threshold_percentile` where the scheduler has it."""
     check_sampler(name)
+    if name in SCORE_SAMPLERS:
+        raise T2IError(f"sampler {name!r} is written in t2i and has no diffusers scheduler; choose one of "
+                       f"{', '.join(SAMPLERS)}")
     cls, settings = SAMPLERS[name]
+    if threshold_percentile is not None:
+        if "thresholding" not in inspect.signature(cls.__init__).parameters:
+            raise T2IError(f"sampler {name!r} cannot threshold x̂_0; use one of "
+                           f"{', '.join(n for n in ALL_SAMPLERS if thresholds(n))}")
+        settings = {**settings, "thresholding": True, "dynamic_thresholding_ratio": threshold_percentile}
     return cls.from_config({**scheduler_config, **settings})
+
+
+def thresholds(name: str) -> bool:
+    """Whether sampler `name` can apply dynamic thresholding to x̂_0."""
+    return name in SCORE_SAMPLERS or "thresholding" in inspect.signature(SAMPLERS[name][0].__init__).parameters
+
+
+def diffusers_class(name: str) -> type[SchedulerMixin]:
+    """The diffusers scheduler class a saved config names for sampler `name` (t2i's subclasses save as their base)."""
+    cls = SAMPLERS[name][0]
+    return next(base for base in cls.__mro__ if base.__module__.startswith("diffusers."))

@@ -52,6 +52,17 @@ def alphas_cumprod(schedule: Schedule, num_timesteps: int) -> torch.Tensor:
     return torch.cumprod(1 - betas(schedule, num_timesteps), dim=0)
 
 
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """β_t rescaled so that SNR(T) = 0 (Lin et al. 2023, "Common diffusion noise schedules are flawed", Alg. 1):
+    √ᾱ_t is shifted so its last value is 0 and scaled so its first is unchanged; the model then trains on pure noise."""
+    root = torch.cumprod(1 - betas, dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    alpha_bar = root**2
+    alphas = torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return 1 - alphas
+
+
 def scheduler_alphas_cumprod(config: dict) -> torch.Tensor:
     """ᾱ_t of a diffusers scheduler config: t2i's own schedules exactly as above, any other (trained betas, other
     β ranges) as diffusers computes it."""
@@ -69,6 +80,11 @@ def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     return alpha_bar / (1 - alpha_bar)
 
 
+def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """λ = log SNR = log ᾱ − log(1 − ᾱ) (Kingma et al. 2021, "Variational diffusion models", eq. 3); λ = −2 log σ."""
+    return alpha_bar.log() - torch.log1p(-alpha_bar)
+
+
 def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str) -> dict:
     """The diffusers scheduler config that reproduces this schedule and parameterisation."""
     start, end = beta_range(schedule)
@@ -83,3 +99,32 @@ def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str) ->
         "steps_offset": 1,
         "timestep_spacing": "leading" if schedule == "scaled_linear" else "trailing",
     }
+
+
+def sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """σ = √((1 − ᾱ) / ᾱ) = 1/√SNR: the noise scale of x_t / √ᾱ = x_0 + σ ε (Karras et al. 2022, §2)."""
+    return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+
+def alpha_bar_from_sigma(sigma: torch.Tensor) -> torch.Tensor:
+    """ᾱ = 1 / (1 + σ²), the inverse of `sigma_from_alpha_bar`."""
+    return 1 / (1 + sigma**2)
+
+
+def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """`count` noise levels σ_i = (σ_max^(1/ρ) + i/(n−1) (σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ, then 0 (Karras et al. 2022,
+    eq. 5); ρ = 7 spends the steps near σ_min, where detail forms."""
+    ramp = torch.linspace(0, 1, count, dtype=torch.float64)
+    inverse_min, inverse_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (inverse_max + ramp * (inverse_min - inverse_max)) ** rho
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def timestep_from_sigma(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
+    """The fractional training timestep t whose σ is `sigma`, linear in log σ between the trained σ_t (the inverse
+    of diffusers' sigma interpolation in `EulerDiscreteScheduler._sigma_to_t`). `train_sigmas` increases with t."""
+    log_sigmas = train_sigmas.to(device=sigma.device, dtype=torch.float64).log()
+    log_sigma = sigma.to(torch.float64).clamp(log_sigmas[0].exp(), log_sigmas[-1].exp()).log()
+    upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
+    low, high = log_sigmas[upper - 1], log_sigmas[upper]
+    return (upper - 1) + (log_sigma - low) / (high - low)

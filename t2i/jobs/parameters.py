@@ -18,8 +18,10 @@ from t2i.errors import T2IError
 
 PNG_KEY = "parameters"
 MODEL_HASH_LENGTH = 10  # as A1111's "Model hash"
-A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler": "Euler", "euler_a": "Euler a",
-                  "heun": "Heun", "unipc": "UniPC"}
+A1111_SAMPLERS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_sde": "DPM++ SDE", "euler": "Euler",
+                  "euler_a": "Euler a", "heun": "Heun", "heun_karras": "Heun Karras", "lms": "LMS", "unipc": "UniPC",
+                  # Samplers A1111 lacks keep t2i's own names, so that the text still names them exactly.
+                  "pc": "pc", "annealed_langevin": "annealed_langevin", "pf_ode": "pf_ode"}
 T2I_SAMPLERS = {a1111: name for name, a1111 in A1111_SAMPLERS.items()}
 NEGATIVE_PREFIX = "Negative prompt: "
 # A1111's own pattern for one "Key: value" pair of the last line.

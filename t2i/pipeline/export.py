@@ -14,7 +14,7 @@ import diffusers
 from diffusers import StableDiffusionPipeline
 
 from t2i.atomic import write_folder
-from t2i.diffusion.samplers import SAMPLERS, make_scheduler
+from t2i.diffusion.samplers import SAMPLERS, SCORE_SAMPLERS, diffusers_class
 from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
 from t2i.models.text_encoder import OpenClipTextEncoder
@@ -34,7 +34,10 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     out = Path(out)
     sampler = sampler or pipe.defaults["sampler"]
     text_encoder, tokenizer = to_clip_text_model(pipe.text_encoder)
-    scheduler = make_scheduler(sampler, pipe.scheduler_config)
+    if sampler in SCORE_SAMPLERS:
+        raise T2IError(f"sampler {sampler!r} is written in t2i and has no diffusers scheduler; export with --sampler "
+                       f"one of {', '.join(SAMPLERS)}")
+    scheduler = diffusers_class(sampler).from_config({**pipe.scheduler_config, **SAMPLERS[sampler][1]})
     exported = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=pipe.unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -54,8 +57,8 @@ def _write_scheduler_config(folder: Path, sampler: str, scheduler_config: dict) 
     A scheduler's saved config lists all its defaults, some of which other scheduler classes read differently;
     keeping to the pipeline's keys means a sampler built later from this folder equals one built from the source.
     """
-    scheduler_class, settings = SAMPLERS[sampler]
-    config = {"_class_name": scheduler_class.__name__, "_diffusers_version": diffusers.__version__,
+    settings = SAMPLERS[sampler][1]
+    config = {"_class_name": diffusers_class(sampler).__name__, "_diffusers_version": diffusers.__version__,
               **scheduler_config, **settings}
     (folder / SCHEDULER_CONFIG).write_text(json.dumps(config, indent=2))
 

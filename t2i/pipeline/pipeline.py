@@ -18,14 +18,15 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from t2i.diffusion.guidance import classifier_free_guidance
-from t2i.diffusion.samplers import check_sampler, make_scheduler
+from t2i.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler
 from t2i.errors import T2IError
 from t2i.models.text_encoder import TextEncoder, report_truncation
 from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.pipeline.upscaler import Upscaler
+from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
 
 logger = logging.getLogger("t2i")
 
@@ -137,9 +138,16 @@ class Text2ImagePipeline:
         batch_size: int | None = None,
         progress: bool = False,
         upscale: bool = False,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        dynamic_threshold: float | None = None,
     ) -> list[Image.Image]:
         """Images for `prompt` (one per prompt); image i is drawn from seed + i, or from seed[i] for a list.
         With `upscale`, each image then goes through the SR stage (its own defaults), with the same prompt and seed.
+
+        `eta` is DDIM's η (Song et al. 2020, eq. 16): 0 deterministic, 1 DDPM's ancestral noise; for `ddim` only.
+        `guidance_rescale` is φ of Lin et al. 2023 (eq. 16; 0 off, 0.7 theirs); `dynamic_threshold` is Imagen's
+        percentile p (Saharia et al. 2022, §2.3; None off, 0.995 theirs), for samplers that see x̂_0.
 
         An image with seed s starts from the latents `StableDiffusionPipeline` draws for
         `generator=torch.Generator("cpu").manual_seed(s)`, on any device.
@@ -164,7 +172,8 @@ class Text2ImagePipeline:
             chunk = slice(start, start + batch_size)
             context = self.encode_prompts(prompts[chunk])
             negative_context = self.encode_prompts(negatives[chunk]) if guidance != 1.0 else None
-            latents = self.denoise(context, negative_context, seeds[chunk], steps, guidance, height, width, sampler)
+            latents = self.denoise(context, negative_context, seeds[chunk], steps, guidance, height, width, sampler,
+                                   eta=eta, guidance_rescale=guidance_rescale, dynamic_threshold=dynamic_threshold)
             base = self.decode(latents)
             images.extend(self.upscale(base, prompts[chunk], negative_prompt=negatives[chunk], seed=seeds[chunk])
                           if upscale else base)
@@ -224,12 +233,16 @@ class Text2ImagePipeline:
 
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
-                guidance: float, height: int, width: int, sampler: str) -> torch.Tensor:
+                guidance: float, height: int, width: int, sampler: str, eta: float = 0.0,
+                guidance_rescale: float = 0.0, dynamic_threshold: float | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) from token states (B, L, D) that callers may have encoded once and reused.
 
         `negative_context` is needed unless guidance is 1; the U-Net sees both halves in one batched forward.
         """
-        scheduler = make_scheduler(sampler, self.scheduler_config)
+        if sampler in SCORE_SAMPLERS:
+            return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height, width,
+                                                   sampler, guidance_rescale, dynamic_threshold)
+        scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
         if use_guidance:
             if negative_context is None:
@@ -243,7 +256,9 @@ class Text2ImagePipeline:
         # Latents, guidance and the sampler's arithmetic stay fp32 whatever the U-Net computes in.
         latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
         latents = latents * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generators)
+        step_kwargs = _step_kwargs(scheduler, generators, eta)
+        if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
+            scheduler.noise_sampler_seed = list(seeds)
         predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if use_guidance else latents
@@ -253,10 +268,36 @@ class Text2ImagePipeline:
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
+                if guidance_rescale:
+                    prediction = rescale_guidance(prediction, cond, guidance_rescale)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         if not predictions_finite:
             raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
                                   "its weights have diverged or overflow in this dtype")
+        if not torch.isfinite(latents).all():
+            raise NonFiniteSample(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps "
+                                  "or another sampler")
+        return latents
+
+    @torch.inference_mode()
+    def denoise_with_score_sampler(self, context: torch.Tensor, negative_context: torch.Tensor | None,
+                                   seeds: list[int], steps: int, guidance: float, height: int, width: int,
+                                   sampler: str, guidance_rescale: float = 0.0,
+                                   dynamic_threshold: float | None = None) -> torch.Tensor:
+        """`denoise` for the samplers written in t2i, which call the U-Net through a denoiser D(x, σ) that applies
+        classifier-free guidance; same seeds, same starting noise, same σ ladder as the `euler` sampler."""
+        if guidance != 1.0:
+            if negative_context is None:
+                raise T2IError(f"guidance {guidance} needs the negative prompts' token states")
+            context = torch.cat([negative_context, context])
+        denoise = unet_denoiser(self.unet, context, guidance, self.scheduler_config, guidance_rescale,
+                                dynamic_threshold)
+        sigmas = sampling_sigmas(self.scheduler_config, steps)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        shape = (len(seeds), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        # x = x_T / √ᾱ_T: the unit Gaussian x_T scaled to σ-coordinates, as Euler's init_noise_sigma does.
+        latents = SCORE_SAMPLERS[sampler](denoise, noise * (1 + sigmas[0] ** 2).sqrt().item(), sigmas, generators)
         if not torch.isfinite(latents).all():
             raise NonFiniteSample(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps "
                                   "or another sampler")
@@ -279,12 +320,14 @@ def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
 
 
-def _step_kwargs(scheduler, generators: list[torch.Generator]) -> dict:
-    """The extra arguments StableDiffusionPipeline hands to `scheduler.step`: eta = 0 and the generators."""
+def _step_kwargs(scheduler, generators: list[torch.Generator], eta: float = 0.0) -> dict:
+    """The extra arguments StableDiffusionPipeline hands to `scheduler.step`: eta (0 by default) and the generators."""
     accepted = set(inspect.signature(scheduler.step).parameters)
     kwargs = {}
     if "eta" in accepted:
-        kwargs["eta"] = 0.0
+        kwargs["eta"] = eta
+    elif eta != 0.0:
+        raise T2IError(f"eta {eta} is DDIM's; the {type(scheduler).__name__} sampler takes none: use --sampler ddim")
     if "generator" in accepted:
         kwargs["generator"] = generators
     return kwargs
