@@ -143,7 +143,8 @@ def test_ddim_eta_adds_noise_and_other_samplers_refuse_it(tiny_pipeline):
         tiny_pipeline("a red circle", sampler="euler", eta=1.0)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "pc"])
+# Not "pc": on latent models it saturates the image whatever the prompt (docs/samplers.md, "Known problems").
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_guidance_rescale_and_dynamic_thresholding_change_the_image(tiny_pipeline, sampler):
     plain = pixels(tiny_pipeline("a red circle", sampler=sampler, seed=3))
     rescaled = pixels(tiny_pipeline("a red circle", sampler=sampler, seed=3, guidance_rescale=0.7))
