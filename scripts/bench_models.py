@@ -37,8 +37,12 @@ SIZES = {
 
 def build_pipeline_folder(size_name: str, folder: Path, seed: int = 0) -> Path:
     """A random-weight Stable Diffusion folder of size `size_name` (diffusers' `save_pretrained` layout)."""
-    from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from t2i.models.text_encoder import write_hf_tokenizer_files

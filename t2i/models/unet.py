@@ -8,12 +8,19 @@ from t2i.config import UNetConfig
 
 def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int,
                latent_size: int) -> UNet2DConditionModel:
+    return conditional_unet(config, latent_size, latent_channels, latent_channels, cross_attention_dim)
+
+
+def conditional_unet(config, sample_size: int, in_channels: int, out_channels: int, cross_attention_dim: int,
+                     **settings) -> UNet2DConditionModel:
+    """A UNet2DConditionModel of `config`'s levels (a UNetConfig or anything with its fields, such as SRConfig),
+    cross-attending where `config.cross_attention` says; `settings` go to diffusers as they are."""
     down = tuple("CrossAttnDownBlock2D" if attend else "DownBlock2D" for attend in config.cross_attention)
     up = tuple("CrossAttnUpBlock2D" if attend else "UpBlock2D" for attend in reversed(config.cross_attention))
     return UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
+        sample_size=sample_size,
+        in_channels=in_channels,
+        out_channels=out_channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=config.block_out_channels,
@@ -22,4 +29,5 @@ def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: in
         cross_attention_dim=cross_attention_dim,
         # diffusers reads `attention_head_dim` as the number of heads here (diffusers issue #2011).
         attention_head_dim=config.attention_heads,
+        **settings,
     )

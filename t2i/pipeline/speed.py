@@ -97,10 +97,10 @@ def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated building blocks of a diffusers U-Net or VAE decoder: ResNet blocks, attention blocks
     (transformers in the U-Net, plain attention in the VAE), up- and downsamplers."""
     from diffusers.models.attention_processor import Attention
+    from diffusers.models.downsampling import Downsample2D
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.upsampling import Upsample2D
-    from diffusers.models.downsampling import Downsample2D
 
     kinds = (ResnetBlock2D, Transformer2DModel, Upsample2D, Downsample2D)
     blocks = [m for m in model.modules() if isinstance(m, kinds)]
