@@ -24,9 +24,9 @@ from t2i.errors import T2IError
 from t2i.models.text_encoder import TextEncoder, report_truncation
 from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
+from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.pipeline.upscaler import Upscaler
-from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
 
 logger = logging.getLogger("t2i")
 
@@ -185,7 +185,7 @@ class Text2ImagePipeline:
                            "(t2i demo --cascade, or stages: [vae, clip, unet, sr])")
         return self.sr
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def upscale(
         self,
         images: Image.Image | Sequence[Image.Image],
@@ -244,18 +244,12 @@ class Text2ImagePipeline:
                                                    sampler, guidance_rescale, dynamic_threshold)
         scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
-        if use_guidance:
-            if negative_context is None:
-                raise T2IError(f"guidance {guidance} needs the negative prompts' token states")
-            context = torch.cat([negative_context, context])
+        context = _guided_context(context, negative_context, guidance)
 
         # Timesteps first: some schedulers (Euler) set init_noise_sigma from them.
         scheduler.set_timesteps(steps, device=self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (len(seeds), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
-        # Latents, guidance and the sampler's arithmetic stay fp32 whatever the U-Net computes in.
-        latents = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
-        latents = latents * scheduler.init_noise_sigma
+        latents = self._initial_noise(generators, height, width) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators, eta)
         if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
             scheduler.noise_sampler_seed = list(seeds)
@@ -286,16 +280,11 @@ class Text2ImagePipeline:
                                    dynamic_threshold: float | None = None) -> torch.Tensor:
         """`denoise` for the samplers written in t2i, which call the U-Net through a denoiser D(x, σ) that applies
         classifier-free guidance; same seeds, same starting noise, same σ ladder as the `euler` sampler."""
-        if guidance != 1.0:
-            if negative_context is None:
-                raise T2IError(f"guidance {guidance} needs the negative prompts' token states")
-            context = torch.cat([negative_context, context])
-        denoise = unet_denoiser(self.unet, context, guidance, self.scheduler_config, guidance_rescale,
-                                dynamic_threshold)
+        denoise = unet_denoiser(self.unet, _guided_context(context, negative_context, guidance), guidance,
+                                self.scheduler_config, guidance_rescale, dynamic_threshold)
         sigmas = sampling_sigmas(self.scheduler_config, steps)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        shape = (len(seeds), self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
-        noise = randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+        noise = self._initial_noise(generators, height, width)
         # x = x_T / √ᾱ_T: the unit Gaussian x_T scaled to σ-coordinates, as Euler's init_noise_sigma does.
         latents = SCORE_SAMPLERS[sampler](denoise, noise * (1 + sigmas[0] ** 2).sqrt().item(), sigmas, generators)
         if not torch.isfinite(latents).all():
@@ -303,20 +292,34 @@ class Text2ImagePipeline:
                                   "or another sampler")
         return latents
 
+    def _initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
+        """x_T drawn as StableDiffusionPipeline draws it, in fp32: latents, guidance and the sampler's arithmetic
+        stay fp32 whatever the U-Net computes in."""
+        shape = (len(generators), self.unet.config.in_channels, height // self.latent_factor,
+                 width // self.latent_factor)
+        return randn_tensor(shape, generator=generators, device=self.device, dtype=torch.float32)
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         config = self.vae.config
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
-        pixels = self.vae.decode(latents.to(self.dtype)).sample.float()
-        pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
+        return _to_pil(self.vae.decode(latents.to(self.dtype)).sample)
+
+
+def _guided_context(context: torch.Tensor, negative_context: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """[negative; positive] token states for one batched guided forward; the positive ones alone at guidance 1."""
+    if guidance == 1.0:
+        return context
+    if negative_context is None:
+        raise T2IError(f"guidance {guidance} needs the negative prompts' token states")
+    return torch.cat([negative_context, context])
 
 
 def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
-    """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as `Text2ImagePipeline.decode` rounds."""
-    pixels = (pixels / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+    """(B, 3, H, W) in [-1, 1] -> PIL images; fp32 before rounding, so that bf16 output loses no level of 255."""
+    pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
 
 

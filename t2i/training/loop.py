@@ -85,7 +85,8 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 
 def make_accelerator(device: torch.device, mixed_precision: str) -> Accelerator:
     if device.type == "cpu" and mixed_precision == "fp16":
-        raise T2IError("mixed_precision 'fp16' needs a GPU; on the CPU use 'no', 'bf16' or 'auto' (bf16 where the CPU has AMX)")
+        raise T2IError("mixed_precision 'fp16' needs a GPU; on the CPU use 'no', 'bf16' or 'auto' (bf16 where the "
+                       "CPU has AMX)")
     # accelerate keeps mixed precision in a process-wide singleton; stages of one run may each set their own, so
     # clear it (keeping the distributed PartialState) before every stage.
     AcceleratorState._reset_state(reset_partial_state=False)
