@@ -38,10 +38,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    samplers = list(dict.fromkeys(r["sampler"] for r in results))
+    markers = "os^vD<>Px*hX8"
     for axis, attribute in zip(axes, ("colour", "correct")):
-        for sampler in dict.fromkeys(r["sampler"] for r in results):
+        for index, sampler in enumerate(samplers):  # 13 samplers: 20 colours and a marker each keep lines apart
             points = [(r["steps"], r[attribute]) for r in results if r["sampler"] == sampler]
-            axis.plot(*zip(*points), marker="o", label=sampler)
+            axis.plot(*zip(*points), marker=markers[index % len(markers)], color=plt.cm.tab20(index % 20),
+                      label=sampler, alpha=0.85)
         axis.set_xlabel("steps")
         axis.set_title(f"judged {attribute}")
         axis.set_ylim(-0.02, 1.02)

@@ -210,6 +210,10 @@ class SRConfig:
     # Training: the conditioning-augmentation level is drawn uniformly from 0..max_noise_level per sample; level
     # l noises the low-resolution image as l forward steps of the noise schedule do (0: left exact).
     max_noise_level: int = 250
+    # Min-SNR-γ weighting of the loss, or null for the plain one. Unlike the base stage's, it is off by default:
+    # it weights x̂_0's error at high noise by SNR → 0, and there, where the sampler starts, an SR stage must learn
+    # its sharp posterior mean E[high | low] (docs/cascade.md).
+    min_snr_gamma: float | None = None
     # Sampling defaults, saved with the pipeline: the augmentation level, steps, guidance scale and sampler.
     noise_level: int = 50
     steps: int = 20
@@ -222,6 +226,7 @@ class SRConfig:
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "sr.norm_num_groups must divide every entry of sr.block_out_channels")
         _check(self.max_noise_level >= 0, "sr.max_noise_level must be >= 0")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "sr.min_snr_gamma must be > 0, or null")
         _check(0 <= self.noise_level <= self.max_noise_level,
                "sr.noise_level must lie in [0, sr.max_noise_level]: levels the stage was trained on")
         _check(self.steps >= 1, "sr.steps must be at least 1")

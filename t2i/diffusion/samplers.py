@@ -20,6 +20,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from t2i.diffusion import score_samplers
+from t2i.diffusion.schedules import geometric_sigmas
 from t2i.errors import T2IError
 
 
@@ -67,11 +68,28 @@ PIPELINE_ODE_TOLERANCE = 1e-3
 
 ScoreSampler = Callable[[score_samplers.Denoiser, torch.Tensor, torch.Tensor, score_samplers.Generator], torch.Tensor]
 
-# name -> sampler written in t2i, called as sampler(denoise, σ_0 · noise, sigmas ending in 0, per-item generators)
+# Song & Ermon 2020 ("Improved techniques", technique 1): the top of the Langevin ladder should be about the largest
+# distance between two data points. t2i's latents have unit variance per dimension (the VAE's scaling factor), so
+# two points lie about √(2D) apart; 3√D is above the largest such distance in a dataset.
+LANGEVIN_SIGMA_MAX_PER_SQRT_DIM = 3.0
+
+
+def _annealed_langevin(denoise: score_samplers.Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                       generator: score_samplers.Generator) -> torch.Tensor:
+    """Annealed Langevin over a geometric ladder of as many levels as `sigmas` has steps (as NCSN's), from
+    min(σ_max, 3√D) down to the schedule's smallest σ. The schedule's own ladder will not do: with a cosine
+    schedule it drops by a factor of 800 in its first step, more than one level's Langevin steps can contract."""
+    top = min(sigmas[0].item(), LANGEVIN_SIGMA_MAX_PER_SQRT_DIM * x[0].numel() ** 0.5)
+    ladder = geometric_sigmas(len(sigmas) - 1, sigmas[-2].item(), top)
+    return score_samplers.sample_annealed_langevin(denoise, x * (top / sigmas[0].item()), ladder, generator=generator)
+
+
+# name -> sampler written in t2i, called as sampler(denoise, σ_0 · noise, sigmas ending in 0, per-item generators).
+# t2i's U-Nets are trained as DDPM models, so `pc` predicts with the VP SDE's reverse diffusion.
 SCORE_SAMPLERS: dict[str, ScoreSampler] = {
-    "pc": lambda denoise, x, sigmas, generator: score_samplers.sample_pc(denoise, x, sigmas, generator=generator),
-    "annealed_langevin": lambda denoise, x, sigmas, generator: score_samplers.sample_annealed_langevin(
-        denoise, x, sigmas, generator=generator),
+    "pc": lambda denoise, x, sigmas, generator: score_samplers.sample_pc(denoise, x, sigmas, sde="vp",
+                                                                         generator=generator),
+    "annealed_langevin": _annealed_langevin,
     "pf_ode": lambda denoise, x, sigmas, generator: score_samplers.sample_pf_ode(
         denoise, x, sigmas, rtol=PIPELINE_ODE_TOLERANCE, atol=PIPELINE_ODE_TOLERANCE),
 }

@@ -120,6 +120,13 @@ def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+def geometric_sigmas(count: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """`count` noise levels in geometric progression from σ_max down to σ_min, then 0: the ladder of annealed Langevin
+    dynamics (Song & Ermon 2019, §4.2), along which each level is a fixed factor below the one before."""
+    levels = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), count, dtype=torch.float64)
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
 def timestep_from_sigma(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
     """The fractional training timestep t whose σ is `sigma`, linear in log σ between the trained σ_t (the inverse
     of diffusers' sigma interpolation in `EulerDiscreteScheduler._sigma_to_t`). `train_sigmas` increases with t."""

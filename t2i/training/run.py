@@ -225,7 +225,7 @@ def _sr_stage(inputs: StageInputs):
                         config.sr.residual, config.sr.max_noise_level, sr_defaults(config),
                         residual_scale(measured, config.sr.factor) if config.sr.residual else 1.0)
     preview = next(iter(DataLoader(high_data, batch_size=PREVIEW_PROMPTS)))
-    stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device)
+    stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device, config.sr.min_snr_gamma)
     if config.cache_text_states and (captions := _all_captions(high_data)) is not None:
         stage.cache_text_states(captions, _cache_dir(config))
     return stage, high_data
