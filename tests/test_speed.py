@@ -7,8 +7,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from diffusers.models.attention_processor import Attention
+
 from conftest import build_tiny_pipeline, tiny_config
 from t2i.errors import T2IError
+from t2i.models.padded_attention import PaddedCrossAttention, pad_keys
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.precision import bf16_is_fast, resolve_mixed_precision
 
@@ -62,6 +65,42 @@ def test_fused_qkv_gives_the_plain_images(fp32_images):
     pipe.speed_up(SpeedOptions(dtype="fp32", channels_last=False, fuse_qkv=True))
     assert any(getattr(module, "fused_projections", False) for module in pipe.unet.modules())
     assert np.abs(sample(pipe) - fp32_images).max() <= 1
+
+
+def test_padded_keys_are_masked_so_cross_attention_is_unchanged():
+    states = torch.randn(2, 77, 12)
+    padded, mask = pad_keys(states, None)
+    assert padded.shape == (2, 80, 12) and torch.equal(padded[:, :77], states) and not padded[:, 77:].any()
+    assert mask.shape == (2, 1, 80) and not mask[..., :77].any() and (mask[..., 77:] < -1e30).all()
+    assert pad_keys(padded, None) == (padded, None)  # already a multiple of 16
+    torch.manual_seed(0)
+    attention = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    queries = torch.randn(2, 64, 16)
+    with torch.no_grad():
+        plain = attention(queries, encoder_hidden_states=states)
+        attention.set_processor(PaddedCrossAttention(AttnProcessor2_0()))
+        padded_output = attention(queries, encoder_hidden_states=states)
+        self_attention = Attention(query_dim=16, heads=2, dim_head=8).eval()
+        expected = self_attention(queries)
+        self_attention.set_processor(PaddedCrossAttention(AttnProcessor2_0()))
+        assert torch.equal(self_attention(queries), expected)  # self-attention goes through untouched
+        attention.set_processor(AttnProcessor2_0())
+    assert torch.allclose(plain, padded_output, atol=1e-6)
+    # Unmasked zero keys would take weight: the mask is what keeps the output unchanged.
+    with torch.no_grad():
+        unmasked = attention(queries, encoder_hidden_states=padded)
+    assert not torch.allclose(plain, unmasked, atol=1e-3)
+
+
+def test_padded_cross_attention_gives_the_plain_images_and_is_cpu_only_by_default(fp32_images):
+    pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32"))
+    assert all(isinstance(p, PaddedCrossAttention) for p in pipe.unet.attn_processors.values())
+    assert np.abs(sample(pipe) - fp32_images).max() <= 1
+    plain = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32",
+                                                                                 pad_cross_attention="off"))
+    assert not any(isinstance(p, PaddedCrossAttention) for p in plain.unet.attn_processors.values())
+    with pytest.raises(T2IError, match="pad_cross_attention must be one of auto, on, off"):
+        SpeedOptions(pad_cross_attention="yes")
 
 
 def test_compiled_blocks_give_the_plain_images(fp32_images, tmp_path, monkeypatch):
