@@ -249,8 +249,14 @@ class DiffusionConfig:
     # Offset noise (Guttenberg 2023): add this times a per-channel constant to the noise, so that the model
     # learns to change an image's mean brightness. 0 is plain DDPM noise.
     noise_offset: float = 0.0
+    # Rescale the schedule to zero SNR at t = T (Lin et al. 2023, Alg. 1), so that the model learns to start from
+    # pure noise, as sampling does. Needs v or x_0 prediction: at SNR 0 the noise says nothing about ε's image.
+    zero_terminal_snr: bool = False
 
     def __post_init__(self):
+        _check(not (self.zero_terminal_snr and self.prediction == "epsilon"),
+               "diffusion.zero_terminal_snr needs diffusion.prediction v_prediction or sample: at SNR 0, ε-prediction "
+               "cannot say what the image is (Lin et al. 2023, §3.2)")
         _check(0.0 <= self.caption_dropout < 1.0, "diffusion.caption_dropout must lie in [0, 1)")
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be at least 2")
         _check(self.noise_offset >= 0.0, "diffusion.noise_offset must be >= 0")

@@ -110,12 +110,22 @@ def make_scheduler(name: str, scheduler_config: dict, threshold_percentile: floa
         raise T2IError(f"sampler {name!r} is written in t2i and has no diffusers scheduler; choose one of "
                        f"{', '.join(SAMPLERS)}")
     cls, settings = SAMPLERS[name]
+    if scheduler_config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(name):
+        raise T2IError(f"sampler {name!r} cannot sample a zero-terminal-SNR schedule (diffusers' scheduler lacks "
+                       f"rescale_betas_zero_snr); use one of "
+                       f"{', '.join(n for n in ALL_SAMPLERS if supports_zero_terminal_snr(n))}")
     if threshold_percentile is not None:
         if "thresholding" not in inspect.signature(cls.__init__).parameters:
             raise T2IError(f"sampler {name!r} cannot threshold x̂_0; use one of "
                            f"{', '.join(n for n in ALL_SAMPLERS if thresholds(n))}")
         settings = {**settings, "thresholding": True, "dynamic_thresholding_ratio": threshold_percentile}
     return cls.from_config({**scheduler_config, **settings})
+
+
+def supports_zero_terminal_snr(name: str) -> bool:
+    """Whether sampler `name` honours a config's `rescale_betas_zero_snr` (t2i's own samplers take the σ ladder of
+    `euler`, which does)."""
+    return name in SCORE_SAMPLERS or "rescale_betas_zero_snr" in inspect.signature(SAMPLERS[name][0].__init__).parameters
 
 
 def thresholds(name: str) -> bool:

@@ -24,6 +24,9 @@ from t2i.diffusion.schedules import (
 from t2i.diffusion.score_samplers import Denoiser
 
 
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' EulerDiscreteScheduler's stand-in for ᾱ_T = 0
+
+
 def sampling_sigmas(scheduler_config: dict, steps: int) -> torch.Tensor:
     """The decreasing σ ladder of `steps` steps, then 0, spaced as the config says (as the `euler` sampler's)."""
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config)
@@ -35,7 +38,8 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
                   threshold_percentile: float | None = None) -> Denoiser:
     """D(x, σ) of `unet` for token states `context` (B, L, D), or (2B, L, D) as [negative; positive] when guidance ≠ 1;
     guidance rescale acts on the guided network output, dynamic thresholding on x̂_0 (as in diffusers)."""
-    train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config))
+    # ᾱ_T = 0 under zero-terminal SNR: clamped as diffusers' Euler schedulers clamp it, so that σ_T stays finite.
+    train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config).clamp(min=ZERO_SNR_ALPHA_BAR))
     prediction = scheduler_config.get("prediction_type", "epsilon")
     use_guidance = guidance != 1.0
 

@@ -90,7 +90,8 @@ def load_sr(config: RunConfig, run_dir: Path) -> Upscaler:
 
 def pipeline_scheduler_config(config: RunConfig) -> dict:
     diffusion = config.diffusion
-    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction)
+    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction,
+                            diffusion.zero_terminal_snr)
 
 
 def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path:
