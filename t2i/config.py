@@ -280,6 +280,9 @@ class TrainConfig:
     # Convolution weights and activations in NHWC: oneDNN's convolutions run up to 2x faster on it than on NCHW
     # (docs/performance.md); the result differs from NCHW by rounding only.
     channels_last: bool = True
+    # torch.compile the stage's network (Inductor, kernels cached on disk for later runs). The first steps pay the
+    # compilation: on the demo's 2-core CPU about a minute, more than it saves in a 1,700-step stage.
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0

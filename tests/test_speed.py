@@ -150,6 +150,24 @@ def test_bf16_training_on_cpu_uses_matmul_attention(tmp_path):
     assert all(isinstance(p, AttnProcessor2_0) for p in fp32_unet.attn_processors.values())
 
 
+def test_compiled_training_compiles_the_network_in_place(tmp_path, monkeypatch):
+    """train.*.compile compiles the stage's network without renaming its parameters (checkpoints and EMA stay the
+    same). Running the compiled step is left to scripts/bench_train.py: its first compilation takes a minute."""
+    from t2i.training.interrupt import StopRequest
+    from t2i.training.loop import TrainLoop
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = tiny_config(tmp_path, "train.unet.compile=true").train.unet
+    unet = build_tiny_pipeline().to("cpu", torch.float32).unet
+    names = list(unet.state_dict())
+    loop = TrainLoop(_ToyStage(unet), [], config, tmp_path / "run", torch.device("cpu"), {}, StopRequest())
+    assert unet._compiled_call_impl is not None and list(loop.model.state_dict()) == names
+    plain = build_tiny_pipeline().to("cpu", torch.float32).unet
+    TrainLoop(_ToyStage(plain), [], _with(config, compile=False), tmp_path / "plain", torch.device("cpu"), {},
+              StopRequest())
+    assert plain._compiled_call_impl is None
+
+
 def test_channels_last_training_matches_plain_training(tmp_path):
     """The loop puts the model in NHWC; its loss and gradients equal NCHW's up to rounding. (Weights after a few
     Adam steps are no test: Adam turns the rounding of near-zero gradients into whole learning-rate steps.)"""
