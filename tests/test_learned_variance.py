@@ -143,13 +143,19 @@ def pixels(pipe: Text2ImagePipeline, sampler: str, **kwargs) -> np.ndarray:
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_ddpm_draws_with_the_learned_variance(guidance):
-    """A variance half fixed at 1 (−1) samples as diffusers' fixed_large (fixed_small): it reaches scheduler.step."""
-    for variance, variance_type in ((1.0, "fixed_large"), (-1.0, "fixed_small")):
-        pipe = learned_variance_pipeline(variance)
-        learned = pixels(pipe, "ddpm", guidance_scale=guidance)
-        assert np.abs(learned - pixels(mean_only(pipe, variance_type), "ddpm", guidance_scale=guidance)).max() <= 1
-    assert np.abs(pixels(learned_variance_pipeline(1.0), "ddpm") - pixels(learned_variance_pipeline(-1.0), "ddpm")
-                  ).max() > 10
+    """A variance half fixed at −1 samples as diffusers' fixed_small; at 1 differently: it reaches scheduler.step."""
+    pipe = learned_variance_pipeline(-1.0)
+    small = pixels(pipe, "ddpm", guidance_scale=guidance)
+    assert np.abs(small - pixels(mean_only(pipe, "fixed_small"), "ddpm", guidance_scale=guidance)).max() <= 1
+    assert np.abs(pixels(learned_variance_pipeline(1.0), "ddpm", guidance_scale=guidance) - small).max() > 10
+
+
+def test_the_step_to_x0_adds_no_noise_whatever_the_variance_half_says():
+    """One step goes from t = T − 1 straight to x_0, where β̃ = 0: a large v must not blow the image up."""
+    pipe = learned_variance_pipeline(5.0)
+    one_step = pipe(PROMPTS, sampler="ddpm", seed=3, num_inference_steps=1)
+    fixed = mean_only(pipe, "fixed_small")(PROMPTS, sampler="ddpm", seed=3, num_inference_steps=1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(one_step, fixed))
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_a", "pc"])

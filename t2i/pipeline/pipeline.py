@@ -269,7 +269,7 @@ class Text2ImagePipeline:
                 if guidance_rescale:
                     prediction = rescale_guidance(prediction, cond, guidance_rescale)
             if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
-                prediction = torch.cat([prediction, variance.chunk(2)[1] if use_guidance else variance], dim=1)
+                prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         if not predictions_finite:
             raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
@@ -312,6 +312,14 @@ class Text2ImagePipeline:
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
         return _to_pil(self.vae.decode(latents.to(self.dtype)).sample)
+
+
+def last_step_variance(scheduler, t, variance: torch.Tensor, use_guidance: bool) -> torch.Tensor:
+    """The learned variance half that DDPMScheduler.step reads: the conditional one, and at the step to x_0 the
+    lower end, β̃ = 0 (no noise, as the paper's chain ends). diffusers clamps that β̃ to 1e-20 and would extrapolate
+    log-linearly from it for v > 1: a variance of about e^23 β."""
+    variance = variance.chunk(2)[1] if use_guidance else variance
+    return torch.full_like(variance, -1.0) if scheduler.previous_timestep(t) < 0 else variance
 
 
 def _guided_context(context: torch.Tensor, negative_context: torch.Tensor | None, guidance: float) -> torch.Tensor:
