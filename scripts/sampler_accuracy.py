@@ -3,7 +3,8 @@
     python scripts/sampler_accuracy.py t2i-demo/pipeline --steps 10 20 40 --guidance 4 --prompts 12 \
         --out docs/images/sampler-accuracy
 
-Each point generates the first PROMPTS "seen" prompts of the demo suite, image i from seed i, and judges them
+Each point generates the first PROMPTS "seen" prompts of the demo suite (--categories picks others, --repeats draws
+each prompt that many times with fresh seeds, as the demo's samples_per_prompt), image i from seed i, and judges them
 (t2i.eval.judge). Writes OUT.json (every figure, with model evaluations per image) and OUT.png (colour and
 correct against steps, one line per sampler).
 """
@@ -61,12 +62,14 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--prompts", type=int, default=12, help="how many 'seen' prompts of the demo suite")
+    parser.add_argument("--prompts", type=int, default=12, help="how many prompts of the demo suite's categories")
+    parser.add_argument("--categories", nargs="+", default=["seen"], choices=["seen", "held_out", "two_object"])
+    parser.add_argument("--repeats", type=int, default=1, help="images per prompt, each from its own seed")
     parser.add_argument("--out", type=Path, default=Path("sampler-accuracy"), help="writes OUT.json and OUT.png")
     args = parser.parse_args()
     pipe = Text2ImagePipeline.from_pretrained(args.pipeline, device="cpu")
     calls = count_unet_calls(pipe)
-    suite = [item for item in prompt_suite() if item[1] == "seen"][:args.prompts]
+    suite = [item for item in prompt_suite() if item[1] in args.categories][:args.prompts] * args.repeats
     results = []
     for sampler in args.samplers:
         for steps in args.steps:

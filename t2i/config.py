@@ -252,6 +252,12 @@ class DiffusionConfig:
     # Rescale the schedule to zero SNR at t = T (Lin et al. 2023, Alg. 1), so that the model learns to start from
     # pure noise, as sampling does. Needs v or x_0 prediction: at SNR 0 the noise says nothing about ε's image.
     zero_terminal_snr: bool = False
+    # Learn the reverse process's variances too (Nichol & Dhariwal 2021, "Improved DDPM", §3.1): the U-Net outputs
+    # twice the latent channels and trains on L_simple + vlb_weight · L_vlb; the `ddpm` sampler then samples with
+    # them (fewer steps), every other sampler uses the prediction half alone.
+    learned_variance: bool = False
+    # λ of L_hybrid (their eq. 16): 0.001 keeps L_vlb from swamping L_simple. Read only with learned_variance.
+    vlb_weight: float = 0.001
 
     def __post_init__(self):
         _check(not (self.zero_terminal_snr and self.prediction == "epsilon"),
@@ -260,6 +266,8 @@ class DiffusionConfig:
         _check(0.0 <= self.caption_dropout < 1.0, "diffusion.caption_dropout must lie in [0, 1)")
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be at least 2")
         _check(self.noise_offset >= 0.0, "diffusion.noise_offset must be >= 0")
+        _check(self.vlb_weight > 0 or not self.learned_variance,
+               "diffusion.vlb_weight must be positive with diffusion.learned_variance: at 0 the variances never train")
 
 
 @dataclass(frozen=True)
@@ -398,6 +406,9 @@ class RunConfig:
             _check(self.finetune.model is not None, "stage 'finetune' needs finetune.model: a pipeline folder to "
                                                     "start from")
             _check(self.stages == ("finetune",), "stage 'finetune' runs alone: stages: [finetune]")
+            _check(not self.diffusion.learned_variance,
+                   "diffusion.learned_variance applies to a U-Net trained here (stage unet); stage 'finetune' keeps "
+                   "the variances of finetune.model")
         if "clip" in self.stages:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "

@@ -21,6 +21,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from t2i.diffusion import score_samplers
 from t2i.diffusion.schedules import geometric_sigmas
+from t2i.diffusion.vlb import predicts_variance
 from t2i.errors import T2IError
 
 
@@ -96,6 +97,10 @@ SCORE_SAMPLERS: dict[str, ScoreSampler] = {
 
 ALL_SAMPLERS = (*SAMPLERS, *SCORE_SAMPLERS)
 
+# Samplers that draw x_{t-1} with a U-Net's learned variance (Improved DDPM; t2i.diffusion.vlb). Every other one gets
+# the prediction half alone and no `variance_type` (DPM-Solver would otherwise cut the output to 3 channels itself).
+LEARNED_VARIANCE_SAMPLERS = ("ddpm",)
+
 
 def check_sampler(name: str) -> None:
     if name not in SAMPLERS and name not in SCORE_SAMPLERS:
@@ -119,7 +124,10 @@ def make_scheduler(name: str, scheduler_config: dict, threshold_percentile: floa
             raise T2IError(f"sampler {name!r} cannot threshold x̂_0; use one of "
                            f"{', '.join(n for n in ALL_SAMPLERS if thresholds(n))}")
         settings = {**settings, "thresholding": True, "dynamic_thresholding_ratio": threshold_percentile}
-    return cls.from_config({**scheduler_config, **settings})
+    config = {**scheduler_config, **settings}
+    if predicts_variance(config) and name not in LEARNED_VARIANCE_SAMPLERS:
+        del config["variance_type"]
+    return cls.from_config(config)
 
 
 def supports_zero_terminal_snr(name: str) -> bool:

@@ -22,6 +22,7 @@ from t2i.diffusion.schedules import (
     timestep_from_sigma,
 )
 from t2i.diffusion.score_samplers import Denoiser
+from t2i.diffusion.vlb import predicts_variance, split_variance
 
 
 ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' EulerDiscreteScheduler's stand-in for ᾱ_T = 0
@@ -42,6 +43,7 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
     train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config).clamp(min=ZERO_SNR_ALPHA_BAR))
     prediction = scheduler_config.get("prediction_type", "epsilon")
     use_guidance = guidance != 1.0
+    learned_variance = predicts_variance(scheduler_config)  # D(x, σ) is a mean: the variance half is not needed
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         alpha_bar = alpha_bar_from_sigma(sigma.to(torch.float64)).to(x.dtype)
@@ -49,6 +51,8 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
         timestep = timestep_from_sigma(sigma, train_sigmas).to(torch.float32).to(x.device)
         model_input, timestep = (torch.cat([xt] * 2), torch.cat([timestep] * 2)) if use_guidance else (xt, timestep)
         output = unet(model_input.to(unet.dtype), timestep, encoder_hidden_states=context).sample.to(x.dtype)
+        if learned_variance:
+            output = split_variance(output)[0]
         if use_guidance:
             uncond, cond = output.chunk(2)
             output = classifier_free_guidance(uncond, cond, guidance)
