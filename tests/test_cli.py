@@ -23,6 +23,8 @@ OPTIONS = {
     "batch": ["--model", "--prompts", "--out", "--batch-size", "--steps", "--guidance", "--sampler", "--negative",
               "--seed", "--height", "--width", "--num-images", "--skip-invalid", "--force", "--device", "--merge"],
     "export": ["--model", "--out", "--sampler", "--allow-pickle"],
+    "eval": ["--likelihood", "--model", "--data", "--num-images", "--batch-size", "--seed", "--tolerance", "--device",
+             "--allow-pickle"],
 }
 
 
