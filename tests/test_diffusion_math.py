@@ -171,6 +171,9 @@ def test_zero_terminal_snr_config_gives_every_sampler_the_rescaled_schedule(sche
     assert ours[-1].item() == 0.0
     assert torch.allclose(ours.float(), DDPMScheduler.from_config(config).alphas_cumprod, atol=1e-6)
     assert make_scheduler("euler", config).config.rescale_betas_zero_snr
+    from t2i.eval.likelihood import pipeline_sigma_range
+
+    assert math.isfinite(pipeline_sigma_range(config)[1])  # the likelihood's ODE ends at a finite σ_T
     with pytest.raises(T2IError, match="cannot sample a zero-terminal-SNR schedule.*use one of ddpm, ddim"):
         make_scheduler("heun", config)
 

@@ -18,6 +18,10 @@ SCALED_LINEAR_BETA_RANGE = (0.00085, 0.012)
 COSINE_OFFSET = 0.008
 COSINE_MAX_BETA = 0.999
 
+# ᾱ_T = 0 under zero-terminal SNR makes σ_T infinite; diffusers' Euler schedulers stand 2⁻²⁴ in for it, as t2i does
+# wherever a finite σ_T is needed.
+ZERO_SNR_ALPHA_BAR = 2.0**-24
+
 # Our schedule names -> diffusers' `beta_schedule` names.
 DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 

@@ -42,7 +42,7 @@ from t2i.diffusion.likelihood import (
     ode_log_likelihood,
     pixel_values,
 )
-from t2i.diffusion.schedules import scheduler_alphas_cumprod, sigma_from_alpha_bar
+from t2i.diffusion.schedules import ZERO_SNR_ALPHA_BAR, scheduler_alphas_cumprod, sigma_from_alpha_bar
 from t2i.diffusion.score_samplers import DEFAULT_ODE_TOLERANCE, Denoiser, Generator, noise_like
 from t2i.errors import T2IError
 
@@ -140,7 +140,7 @@ class LikelihoodResult:
 
 def pipeline_sigma_range(scheduler_config: dict) -> tuple[float, float]:
     """(σ_min, σ_max): the noise levels of the first and last training timesteps, in x/√ᾱ coordinates."""
-    sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config))
+    sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config).clamp(min=ZERO_SNR_ALPHA_BAR))
     return sigmas[0].item(), sigmas[-1].item()
 
 

@@ -16,6 +16,7 @@ from t2i.diffusion.guidance import (
 )
 from t2i.diffusion.parameterization import x0_from_prediction
 from t2i.diffusion.schedules import (
+    ZERO_SNR_ALPHA_BAR,
     alpha_bar_from_sigma,
     scheduler_alphas_cumprod,
     sigma_from_alpha_bar,
@@ -23,9 +24,6 @@ from t2i.diffusion.schedules import (
 )
 from t2i.diffusion.score_samplers import Denoiser
 from t2i.diffusion.vlb import predicts_variance, split_variance
-
-
-ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' EulerDiscreteScheduler's stand-in for ᾱ_T = 0
 
 
 def sampling_sigmas(scheduler_config: dict, steps: int) -> torch.Tensor:
