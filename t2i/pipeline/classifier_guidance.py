@@ -5,6 +5,12 @@ U-Net's prediction by it (t2i.diffusion.guidance.classifier_guidance) at every s
 A prompt's label for a head is the one word of that head's vocabulary it names ("a large red circle": colour red,
 shape circle). A head whose words the prompt names none of, or several of ("a red circle above a blue square"
 names two colours), is left unguided for that prompt; a prompt that names no word of any head is an error.
+
+Steps whose ᾱ_t is below MIN_GUIDED_ALPHA_BAR are left unguided. There x_t holds (almost) nothing of x_0, so the
+true ∇ log p(y | x_t) is ≈ 0 (it shrinks as √ᾱ_t), while Algorithm 2 moves x̂_0 by s (1−ᾱ)/√ᾱ times the gradient: 2·10⁴
+times it at t = 999 of the cosine schedule (ᾱ = 2.4·10⁻⁹), where samplers with trailing timesteps start. A trained
+classifier's small but non-zero gradient there (|∇| ≈ 0.09 on the demo) threw x̂_0 off by ~10³ and ruined every
+image (docs/samplers.md, "Classifier guidance").
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from t2i.diffusion.schedules import alpha_bar_from_sigma, scheduler_alphas_cumpr
 from t2i.errors import T2IError
 from t2i.models.classifier import IGNORE_LABEL, NoisyLatentClassifier
 
+# Below this ᾱ_t (signal-to-noise ratio ᾱ / (1 − ᾱ) about 10⁻⁴) a step is not guided: see the module docstring.
+MIN_GUIDED_ALPHA_BAR = 1e-4
 # (x_t, timestep, network output, ᾱ_t or None) -> the output shifted towards the prompts' labels.
 Guide = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -67,7 +75,11 @@ def classifier_guide(classifier: NoisyLatentClassifier, labels: torch.Tensor, sc
         timestep = torch.as_tensor(timestep, device=xt.device).float().reshape(-1).expand(xt.shape[0])
         if alpha_bar is None:
             alpha_bar = _alpha_bar_at(timestep, train_sigmas)
+        informative = torch.as_tensor(alpha_bar).reshape(-1) >= MIN_GUIDED_ALPHA_BAR
+        if not informative.any():
+            return output
         gradient = log_prob_gradient(classifier, xt, timestep, labels)
+        gradient = gradient * informative.to(gradient).reshape(-1, *([1] * (gradient.ndim - 1)))
         return classifier_guidance(prediction, xt, output, gradient, alpha_bar, scale)
 
     return guide
