@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--fuse-qkv", action="store_true")
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--pad-cross-attention", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "t2i-bench-models")
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start processes")
     parser.add_argument("--json", type=Path, help="also write the figures here")
@@ -74,7 +75,8 @@ def load_t2i(folder: Path, args: argparse.Namespace):
     from t2i.pipeline.speed import SpeedOptions
 
     options = SpeedOptions(dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
-                           fuse_qkv=args.fuse_qkv, cuda_graphs=args.cuda_graphs)
+                           fuse_qkv=args.fuse_qkv, cuda_graphs=args.cuda_graphs,
+                           pad_cross_attention=args.pad_cross_attention)
     return Text2ImagePipeline.from_pretrained(folder, device=args.device).speed_up(options)
 
 
@@ -173,7 +175,7 @@ def report(args: argparse.Namespace, figures: dict, worst: int) -> None:
     size = SIZES[args.size]
     print(f"\nsize {args.size} ({size.resolution} px), device {args.device}, {torch.get_num_threads()} threads, "
           f"batch {args.batch}, {args.steps} DPM++ 2M steps, CFG {args.guidance}; t2i: dtype {args.dtype}, "
-          f"compile {args.compile}, channels_last {args.channels_last}, fuse_qkv {args.fuse_qkv}")
+          f"compile {args.compile}, channels_last {args.channels_last}, fuse_qkv {args.fuse_qkv}, pad_cross_attention {args.pad_cross_attention}")
     rows = [("images/s, batch %d" % args.batch, "images_per_s", True), ("s/image, batch 1", "s_per_image_b1", False),
             ("cold start, empty cache, s", "cold_start_empty_s", False),
             ("cold start, warm cache, s", "cold_start_warm_s", False), ("peak memory, MiB", "peak_memory_mb", False)]

@@ -3,7 +3,8 @@
     python scripts/sampler_accuracy.py t2i-demo/pipeline --steps 10 20 40 --guidance 4 --prompts 12 \
         --out docs/images/sampler-accuracy
 
-Each point generates the first PROMPTS "seen" prompts of the demo suite, image i from seed i, and judges them
+Each point generates the first PROMPTS "seen" prompts of the demo suite (--categories picks others, --repeats draws
+each prompt that many times with fresh seeds, as the demo's samples_per_prompt), image i from seed i, and judges them
 (t2i.eval.judge). Writes OUT.json (every figure, with model evaluations per image) and OUT.png (colour and
 correct against steps, one line per sampler).
 """
@@ -38,10 +39,13 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    samplers = list(dict.fromkeys(r["sampler"] for r in results))
+    markers = "os^vD<>Px*hX8"
     for axis, attribute in zip(axes, ("colour", "correct")):
-        for sampler in dict.fromkeys(r["sampler"] for r in results):
+        for index, sampler in enumerate(samplers):  # 13 samplers: 20 colours and a marker each keep lines apart
             points = [(r["steps"], r[attribute]) for r in results if r["sampler"] == sampler]
-            axis.plot(*zip(*points), marker="o", label=sampler)
+            axis.plot(*zip(*points), marker=markers[index % len(markers)], color=plt.cm.tab20(index % 20),
+                      label=sampler, alpha=0.85)
         axis.set_xlabel("steps")
         axis.set_title(f"judged {attribute}")
         axis.set_ylim(-0.02, 1.02)
@@ -58,12 +62,14 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLER_NAMES), choices=SAMPLER_NAMES)
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
     parser.add_argument("--guidance", type=float, default=4.0)
-    parser.add_argument("--prompts", type=int, default=12, help="how many 'seen' prompts of the demo suite")
+    parser.add_argument("--prompts", type=int, default=12, help="how many prompts of the demo suite's categories")
+    parser.add_argument("--categories", nargs="+", default=["seen"], choices=["seen", "held_out", "two_object"])
+    parser.add_argument("--repeats", type=int, default=1, help="images per prompt, each from its own seed")
     parser.add_argument("--out", type=Path, default=Path("sampler-accuracy"), help="writes OUT.json and OUT.png")
     args = parser.parse_args()
     pipe = Text2ImagePipeline.from_pretrained(args.pipeline, device="cpu")
     calls = count_unet_calls(pipe)
-    suite = [item for item in prompt_suite() if item[1] == "seen"][:args.prompts]
+    suite = [item for item in prompt_suite() if item[1] in args.categories][:args.prompts] * args.repeats
     results = []
     for sampler in args.samplers:
         for steps in args.steps:

@@ -210,6 +210,10 @@ class SRConfig:
     # Training: the conditioning-augmentation level is drawn uniformly from 0..max_noise_level per sample; level
     # l noises the low-resolution image as l forward steps of the noise schedule do (0: left exact).
     max_noise_level: int = 250
+    # Min-SNR-γ weighting of the loss, or null for the plain one. Unlike the base stage's, it is off by default:
+    # it weights x̂_0's error at high noise by SNR → 0, and there, where the sampler starts, an SR stage must learn
+    # its sharp posterior mean E[high | low] (docs/cascade.md).
+    min_snr_gamma: float | None = None
     # Sampling defaults, saved with the pipeline: the augmentation level, steps, guidance scale and sampler.
     noise_level: int = 50
     steps: int = 20
@@ -222,6 +226,7 @@ class SRConfig:
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "sr.norm_num_groups must divide every entry of sr.block_out_channels")
         _check(self.max_noise_level >= 0, "sr.max_noise_level must be >= 0")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0, "sr.min_snr_gamma must be > 0, or null")
         _check(0 <= self.noise_level <= self.max_noise_level,
                "sr.noise_level must lie in [0, sr.max_noise_level]: levels the stage was trained on")
         _check(self.steps >= 1, "sr.steps must be at least 1")
@@ -262,11 +267,25 @@ class DiffusionConfig:
     # Offset noise (Guttenberg 2023): add this times a per-channel constant to the noise, so that the model
     # learns to change an image's mean brightness. 0 is plain DDPM noise.
     noise_offset: float = 0.0
+    # Rescale the schedule to zero SNR at t = T (Lin et al. 2023, Alg. 1), so that the model learns to start from
+    # pure noise, as sampling does. Needs v or x_0 prediction: at SNR 0 the noise says nothing about ε's image.
+    zero_terminal_snr: bool = False
+    # Learn the reverse process's variances too (Nichol & Dhariwal 2021, "Improved DDPM", §3.1): the U-Net outputs
+    # twice the latent channels and trains on L_simple + vlb_weight · L_vlb; the `ddpm` sampler then samples with
+    # them (fewer steps), every other sampler uses the prediction half alone.
+    learned_variance: bool = False
+    # λ of L_hybrid (their eq. 16): 0.001 keeps L_vlb from swamping L_simple. Read only with learned_variance.
+    vlb_weight: float = 0.001
 
     def __post_init__(self):
+        _check(not (self.zero_terminal_snr and self.prediction == "epsilon"),
+               "diffusion.zero_terminal_snr needs diffusion.prediction v_prediction or sample: at SNR 0, ε-prediction "
+               "cannot say what the image is (Lin et al. 2023, §3.2)")
         _check(0.0 <= self.caption_dropout < 1.0, "diffusion.caption_dropout must lie in [0, 1)")
         _check(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be at least 2")
         _check(self.noise_offset >= 0.0, "diffusion.noise_offset must be >= 0")
+        _check(self.vlb_weight > 0 or not self.learned_variance,
+               "diffusion.vlb_weight must be positive with diffusion.learned_variance: at 0 the variances never train")
 
 
 @dataclass(frozen=True)
@@ -287,6 +306,9 @@ class TrainConfig:
     # Convolution weights and activations in NHWC: oneDNN's convolutions run up to 2x faster on it than on NCHW
     # (docs/performance.md); the result differs from NCHW by rounding only.
     channels_last: bool = True
+    # torch.compile the stage's network (Inductor, kernels cached on disk for later runs). The first steps pay the
+    # compilation: on the demo's 2-core CPU about a minute, more than it saves in a 1,700-step stage.
+    compile: bool = False
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0
@@ -405,6 +427,9 @@ class RunConfig:
             _check(self.finetune.model is not None, "stage 'finetune' needs finetune.model: a pipeline folder to "
                                                     "start from")
             _check(self.stages == ("finetune",), "stage 'finetune' runs alone: stages: [finetune]")
+            _check(not self.diffusion.learned_variance,
+                   "diffusion.learned_variance applies to a U-Net trained here (stage unet); stage 'finetune' keeps "
+                   "the variances of finetune.model")
         if "clip" in self.stages:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "

@@ -138,7 +138,8 @@ def _print_summary(summary: dict, images: Counter, timings: dict, grid: Path, re
         ("seen fully correct", summary.get("seen", {}).get("correct", 0.0), TARGETS["seen"], True),
         ("held-out fully correct", summary.get("held_out", {}).get("correct", 0.0), TARGETS["held_out"], True),
         ("colour (all prompts)", summary["all"]["colour"], TARGETS["colour"], True),
-        ("wall time, s", timings["total"], TARGETS["seconds"], False),
+        # In a --cascade run the SR stage's extra time is judged apart, against its own target.
+        ("wall time, s", timings["total"] - timings.get("sr: extra time", 0.0), TARGETS["seconds"], False),
     ]
     print("targets:")
     for name, value, target, higher_is_better in checks:

@@ -46,6 +46,7 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     ("data.resolution=48", "data.resolution must be 32 or 64"),
     ("unet.cross_attention=[true]", "one entry per unet.block_out_channels"),
     ("train.unet.batch_size=0", "batch_size must be at least 1"),
+    ("sr.min_snr_gamma=0", "sr.min_snr_gamma must be > 0, or null"),
     ("stages=[vae, srr]", "'stages\\[1\\]' must be one of 'vae', 'clip', 'unet', 'sr'"),
     ("train.unet", "must look like key.subkey=value"),
     ("unet.block_out_channels.x=1", "'unet.block_out_channels' is not a section"),

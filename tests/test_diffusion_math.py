@@ -29,6 +29,7 @@ from t2i.diffusion.schedules import (
     cosine_alpha_bar,
     log_snr,
     rescale_zero_terminal_snr,
+    scheduler_alphas_cumprod,
     scheduler_config,
     snr,
     timestep_from_sigma,
@@ -161,6 +162,56 @@ def test_zero_terminal_snr_rescale_matches_lin_et_al_and_diffusers(schedule):
     assert alpha_bar[-1].item() == pytest.approx(0.0, abs=1e-12)  # SNR(T) = 0: the last step is pure noise
     assert alpha_bar[0].item() == pytest.approx(torch.cumprod(1 - original, 0)[0].item())  # the first is kept
     assert torch.allclose(rescaled.float(), diffusers_rescale(original.float()), atol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_zero_terminal_snr_config_gives_every_sampler_the_rescaled_schedule(schedule):
+    config = scheduler_config(schedule, T, "v_prediction", zero_terminal_snr=True)
+    ours = scheduler_alphas_cumprod(config)
+    assert ours[-1].item() == 0.0
+    assert torch.allclose(ours.float(), DDPMScheduler.from_config(config).alphas_cumprod, atol=1e-6)
+    assert make_scheduler("euler", config).config.rescale_betas_zero_snr
+    with pytest.raises(T2IError, match="cannot sample a zero-terminal-SNR schedule.*use one of ddpm, ddim"):
+        make_scheduler("heun", config)
+
+
+def test_zero_terminal_snr_pipeline_samples_with_diffusers_and_score_samplers():
+    from conftest import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    pipe.scheduler_config = scheduler_config("cosine", T, "v_prediction", zero_terminal_snr=True)
+    for sampler in ("euler_a", "pc", "pf_ode"):
+        images = pipe(["a large red circle"], num_inference_steps=4, guidance_scale=3.0, seed=0, sampler=sampler)
+        assert images[0].size == (32, 32), sampler
+
+
+def test_zero_terminal_snr_trains_on_pure_noise_at_the_last_step():
+    from conftest import build_tiny_pipeline
+    from t2i.config import DiffusionConfig
+    from t2i.training.randomness import BatchRandomness
+    from t2i.training.stages.unet import UNetStage
+
+    pipe = build_tiny_pipeline()
+    config = scheduler_config("cosine", T, "v_prediction", zero_terminal_snr=True)
+    stage = UNetStage(pipe.unet, pipe.vae, pipe.text_encoder, DiffusionConfig(zero_terminal_snr=True,
+                      min_snr_gamma=5.0), config, [], torch.device("cpu"))
+    assert stage.alpha_bar[-1].item() == 0.0
+    batch = {"pixel_values": torch.rand(8, 3, 32, 32) * 2 - 1, "caption": ["a large red circle"] * 8}
+    loss, _ = stage.loss(pipe.unet, batch, BatchRandomness(torch.Generator().manual_seed(0)))
+    assert torch.isfinite(loss)
+    x0, noise, last = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), stage.alpha_bar[-1:].expand(2)
+    assert torch.equal(add_noise(x0, noise, last), noise)  # the model sees pure noise ...
+    assert torch.equal(training_target("v_prediction", x0, noise, last), -x0)  # ... and learns the image
+    assert torch.isfinite(min_snr_weights(last, 5.0, "v_prediction")).all()
+
+
+def test_zero_terminal_snr_refuses_epsilon_prediction():
+    from conftest import TINY_CONFIG
+    from t2i.config import load_config
+    from t2i.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="zero_terminal_snr needs diffusion.prediction v_prediction or sample"):
+        load_config(TINY_CONFIG, ["diffusion.zero_terminal_snr=true", "diffusion.prediction=epsilon"])
 
 
 def test_log_snr_and_timestep_from_sigma():

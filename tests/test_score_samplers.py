@@ -15,6 +15,7 @@ from t2i.diffusion.samplers import SAMPLERS as SCHEDULER_SAMPLERS
 from t2i.diffusion.samplers import make_scheduler
 from t2i.diffusion.schedules import (
     alpha_bar_from_sigma,
+    geometric_sigmas,
     karras_sigmas,
     scheduler_config,
     sigma_from_alpha_bar,
@@ -28,9 +29,7 @@ MOMENT_TOLERANCE, WEIGHT_TOLERANCE = 0.05, 0.03
 
 
 def geometric_ladder(count: int, sigma_max: float, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
-    """Song & Ermon 2019's geometric noise ladder, then 0."""
-    levels = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), count, dtype=torch.float64)
-    return torch.cat([levels, levels.new_zeros(1)])
+    return geometric_sigmas(count, sigma_min, sigma_max)
 
 
 def assert_reproduces_mixture(samples: torch.Tensor) -> None:
@@ -76,6 +75,8 @@ SAMPLERS = {
     # Batch-mean norms, as in Song et al.'s code: per-item norms of 2-D vectors are too noisy to set a step by.
     "pc": (lambda x, gen: samplers.sample_pc(MIXTURE.denoise, x, karras_sigmas(100, SIGMA_MIN, SIGMA_MAX),
                                              norms="batch", generator=gen)),
+    "pc_vp": (lambda x, gen: samplers.sample_pc(MIXTURE.denoise, x, karras_sigmas(100, SIGMA_MIN, SIGMA_MAX),
+                                                norms="batch", sde="vp", generator=gen)),
     "annealed_langevin": (lambda x, gen: samplers.sample_annealed_langevin(
         MIXTURE.denoise, x, geometric_ladder(50, 10.0), steps_per_level=20, step_ratio=0.5, generator=gen)),
     "pf_ode": (lambda x, gen: samplers.sample_pf_ode(MIXTURE.denoise, x, karras_sigmas(2, SIGMA_MIN, SIGMA_MAX),
@@ -111,6 +112,41 @@ def test_pc_with_per_item_norms_draws_each_item_from_its_own_generator():
                                   generator=[torch.Generator().manual_seed(s) for s in seeds])
     alone = samplers.sample_pc(MIXTURE.denoise, start[1:2], ladder, generator=[torch.Generator().manual_seed(4)])
     assert torch.allclose(together[1:2], alone, atol=1e-12)
+
+
+def test_vp_predictor_lands_at_the_next_noise_level_after_a_huge_step():
+    """A cosine schedule's 40-step ladder drops from σ = 2·10⁴ to 25.7 in its first step. The VE SDE's reverse
+    diffusion adds noise of the size of σ itself there and leaves x far above σ' (what broke `pc` on DDPM models);
+    the VP form, which a DDPM model was trained with, leaves it within a small factor of σ'."""
+    sigma, sigma_next = torch.tensor(2.03e4, dtype=torch.float64), torch.tensor(25.7, dtype=torch.float64)
+    ladder = torch.stack([sigma, sigma_next, sigma_next.new_zeros(())])
+    start = sigma * torch.randn(COUNT, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    spread = {}
+    for sde in ("ve", "vp"):
+        after_one_step = samplers.sample_pc(MIXTURE.denoise, start, ladder[:2], corrector_steps=0, sde=sde,
+                                            generator=torch.Generator().manual_seed(1))
+        spread[sde] = after_one_step.std().item()
+    assert spread["ve"] > 100 * sigma_next.item()
+    assert sigma_next.item() < spread["vp"] < 2 * sigma_next.item()
+
+
+def test_pc_vp_corrector_step_is_scaled_by_the_step_alpha():
+    """Alg. 5 of Song et al. 2021: the VP corrector's ε is α = ᾱ/ᾱ' times Alg. 4's 2 (r ‖z‖ / ‖s‖)²."""
+    x = torch.randn(1, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ladder = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    score = -x / ladder[0] ** 2  # the score of D ≡ 0
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    alpha = alpha_bar_from_sigma(ladder[0]) / alpha_bar_from_sigma(ladder[1])
+    for sde, scale in (("ve", 1.0), ("vp", alpha)):
+        seen = []
+
+        def zero_denoiser(y, sigma, seen=seen):
+            seen.append(y.clone())
+            return torch.zeros_like(y)
+
+        samplers.sample_pc(zero_denoiser, x, ladder, sde=sde, generator=torch.Generator().manual_seed(2))
+        step = scale * 2 * (samplers.DEFAULT_CORRECTOR_SNR * z.norm() / score.norm()) ** 2
+        assert torch.allclose(seen[1], x + step * score + (2 * step).sqrt() * z, atol=1e-12), sde
 
 
 def test_ddim_eta_splits_the_step_between_the_mean_and_fresh_noise():

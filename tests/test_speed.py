@@ -7,8 +7,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from diffusers.models.attention_processor import Attention
+
 from conftest import build_tiny_pipeline, tiny_config
 from t2i.errors import T2IError
+from t2i.models.padded_attention import PaddedCrossAttention, pad_keys
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.precision import bf16_is_fast, resolve_mixed_precision
 
@@ -64,6 +67,42 @@ def test_fused_qkv_gives_the_plain_images(fp32_images):
     assert np.abs(sample(pipe) - fp32_images).max() <= 1
 
 
+def test_padded_keys_are_masked_so_cross_attention_is_unchanged():
+    states = torch.randn(2, 77, 12)
+    padded, mask = pad_keys(states, None)
+    assert padded.shape == (2, 80, 12) and torch.equal(padded[:, :77], states) and not padded[:, 77:].any()
+    assert mask.shape == (2, 1, 80) and not mask[..., :77].any() and (mask[..., 77:] < -1e30).all()
+    assert pad_keys(padded, None) == (padded, None)  # already a multiple of 16
+    torch.manual_seed(0)
+    attention = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    queries = torch.randn(2, 64, 16)
+    with torch.no_grad():
+        plain = attention(queries, encoder_hidden_states=states)
+        attention.set_processor(PaddedCrossAttention(AttnProcessor2_0()))
+        padded_output = attention(queries, encoder_hidden_states=states)
+        self_attention = Attention(query_dim=16, heads=2, dim_head=8).eval()
+        expected = self_attention(queries)
+        self_attention.set_processor(PaddedCrossAttention(AttnProcessor2_0()))
+        assert torch.equal(self_attention(queries), expected)  # self-attention goes through untouched
+        attention.set_processor(AttnProcessor2_0())
+    assert torch.allclose(plain, padded_output, atol=1e-6)
+    # Unmasked zero keys would take weight: the mask is what keeps the output unchanged.
+    with torch.no_grad():
+        unmasked = attention(queries, encoder_hidden_states=padded)
+    assert not torch.allclose(plain, unmasked, atol=1e-3)
+
+
+def test_padded_cross_attention_gives_the_plain_images_and_is_cpu_only_by_default(fp32_images):
+    pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32"))
+    assert all(isinstance(p, PaddedCrossAttention) for p in pipe.unet.attn_processors.values())
+    assert np.abs(sample(pipe) - fp32_images).max() <= 1
+    plain = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32",
+                                                                                 pad_cross_attention="off"))
+    assert not any(isinstance(p, PaddedCrossAttention) for p in plain.unet.attn_processors.values())
+    with pytest.raises(T2IError, match="pad_cross_attention must be one of auto, on, off"):
+        SpeedOptions(pad_cross_attention="yes")
+
+
 def test_compiled_blocks_give_the_plain_images(fp32_images, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32", compile="blocks"))
@@ -109,6 +148,24 @@ def test_bf16_training_on_cpu_uses_matmul_attention(tmp_path):
     TrainLoop(_ToyStage(fp32_unet), [], _with(config.train.unet, mixed_precision="no"), tmp_path / "fp32",
               pipe.device, {}, StopRequest())
     assert all(isinstance(p, AttnProcessor2_0) for p in fp32_unet.attn_processors.values())
+
+
+def test_compiled_training_compiles_the_network_in_place(tmp_path, monkeypatch):
+    """train.*.compile compiles the stage's network without renaming its parameters (checkpoints and EMA stay the
+    same). Running the compiled step is left to scripts/bench_train.py: its first compilation takes a minute."""
+    from t2i.training.interrupt import StopRequest
+    from t2i.training.loop import TrainLoop
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    config = tiny_config(tmp_path, "train.unet.compile=true").train.unet
+    unet = build_tiny_pipeline().to("cpu", torch.float32).unet
+    names = list(unet.state_dict())
+    loop = TrainLoop(_ToyStage(unet), [], config, tmp_path / "run", torch.device("cpu"), {}, StopRequest())
+    assert unet._compiled_call_impl is not None and list(loop.model.state_dict()) == names
+    plain = build_tiny_pipeline().to("cpu", torch.float32).unet
+    TrainLoop(_ToyStage(plain), [], _with(config, compile=False), tmp_path / "plain", torch.device("cpu"), {},
+              StopRequest())
+    assert plain._compiled_call_impl is None
 
 
 def test_channels_last_training_matches_plain_training(tmp_path):

@@ -1,7 +1,9 @@
 """Stage sr and the cascade on tiny models: the conditioning math, shapes through the stage, the noise level
 honoured, save/load with sr/, upscaling end to end (API and CLI), export, and exact resume."""
+import copy
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -88,6 +90,18 @@ def test_the_stage_loss_and_the_network_take_the_shapes_they_should(cascade):
         out = sr.predict(sr.unet, torch.randn(2, 3, 64, 64), condition, torch.tensor([5, 500]),
                          cascade.encode_prompts(PROMPTS), torch.tensor([0, 10]))
     assert out.shape == (2, 3, 64, 64)
+
+
+def test_the_stage_weights_its_loss_by_its_own_min_snr_gamma(cascade):
+    """sr.min_snr_gamma, not diffusion.min_snr_gamma (which the base stage uses), decides the SR loss's weights."""
+    sr, diffusion = cascade.sr, load_config(TINY_CONFIG, ["diffusion.min_snr_gamma=5"]).diffusion
+    batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "caption": PROMPTS}
+    losses = {}
+    for gamma in (None, 5.0):
+        stage = SRStage(sr, cascade.text_encoder, diffusion, {}, torch.device("cpu"), min_snr_gamma=gamma)
+        with torch.no_grad():
+            losses[gamma], _ = stage.loss(sr.unet, batch, BatchRandomness(torch.Generator().manual_seed(0)))
+    assert losses[None].item() != pytest.approx(losses[5.0].item(), rel=1e-3)
 
 
 def test_the_noise_level_is_honoured(cascade):
@@ -192,6 +206,20 @@ def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, 
     for name in ("final/unet/diffusion_pytorch_model.safetensors", "checkpoints/step_0000004/ema.safetensors"):
         ours, theirs = load_file(resumed / "sr" / name), load_file(full / "sr" / name)
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
+
+
+def test_a_4x_stage_upscales_by_four_and_saves_its_factor(cascade, tmp_path):
+    config = replace(load_config(TINY_CONFIG).sr, factor=4)
+    torch.manual_seed(0)
+    unet = build_sr_unet(config, cascade.text_encoder.hidden_size, 64)
+    four = Upscaler(unet, cascade.scheduler_config, 4, config.patch_size, config.residual, config.max_noise_level,
+                    {"num_inference_steps": 2, "noise_level": 20}, residual_scale=4.0)
+    low = [Image.new("RGB", (16, 16), (200, 30, 30)), Image.new("RGB", (16, 16), (30, 30, 200))]
+    pipe = copy.copy(cascade)
+    pipe.sr = four
+    assert [image.size for image in pipe.upscale(low, PROMPTS, seed=0)] == [(64, 64), (64, 64)]
+    four.save_pretrained(tmp_path / "sr")
+    assert Upscaler.from_pretrained(tmp_path / "sr").factor == 4
 
 
 def test_a_4x_stage_on_shapes_is_checked_against_the_sizes_shapes_are_drawn_at():

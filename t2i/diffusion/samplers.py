@@ -20,6 +20,8 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from t2i.diffusion import score_samplers
+from t2i.diffusion.schedules import geometric_sigmas
+from t2i.diffusion.vlb import predicts_variance
 from t2i.errors import T2IError
 
 
@@ -67,16 +69,37 @@ PIPELINE_ODE_TOLERANCE = 1e-3
 
 ScoreSampler = Callable[[score_samplers.Denoiser, torch.Tensor, torch.Tensor, score_samplers.Generator], torch.Tensor]
 
-# name -> sampler written in t2i, called as sampler(denoise, σ_0 · noise, sigmas ending in 0, per-item generators)
+# Song & Ermon 2020 ("Improved techniques", technique 1): the top of the Langevin ladder should be about the largest
+# distance between two data points. t2i's latents have unit variance per dimension (the VAE's scaling factor), so
+# two points lie about √(2D) apart; 3√D is above the largest such distance in a dataset.
+LANGEVIN_SIGMA_MAX_PER_SQRT_DIM = 3.0
+
+
+def _annealed_langevin(denoise: score_samplers.Denoiser, x: torch.Tensor, sigmas: torch.Tensor,
+                       generator: score_samplers.Generator) -> torch.Tensor:
+    """Annealed Langevin over a geometric ladder of as many levels as `sigmas` has steps (as NCSN's), from
+    min(σ_max, 3√D) down to the schedule's smallest σ. The schedule's own ladder will not do: with a cosine
+    schedule it drops by a factor of 800 in its first step, more than one level's Langevin steps can contract."""
+    top = min(sigmas[0].item(), LANGEVIN_SIGMA_MAX_PER_SQRT_DIM * x[0].numel() ** 0.5)
+    ladder = geometric_sigmas(len(sigmas) - 1, sigmas[-2].item(), top)
+    return score_samplers.sample_annealed_langevin(denoise, x * (top / sigmas[0].item()), ladder, generator=generator)
+
+
+# name -> sampler written in t2i, called as sampler(denoise, σ_0 · noise, sigmas ending in 0, per-item generators).
+# t2i's U-Nets are trained as DDPM models, so `pc` predicts with the VP SDE's reverse diffusion.
 SCORE_SAMPLERS: dict[str, ScoreSampler] = {
-    "pc": lambda denoise, x, sigmas, generator: score_samplers.sample_pc(denoise, x, sigmas, generator=generator),
-    "annealed_langevin": lambda denoise, x, sigmas, generator: score_samplers.sample_annealed_langevin(
-        denoise, x, sigmas, generator=generator),
+    "pc": lambda denoise, x, sigmas, generator: score_samplers.sample_pc(denoise, x, sigmas, sde="vp",
+                                                                         generator=generator),
+    "annealed_langevin": _annealed_langevin,
     "pf_ode": lambda denoise, x, sigmas, generator: score_samplers.sample_pf_ode(
         denoise, x, sigmas, rtol=PIPELINE_ODE_TOLERANCE, atol=PIPELINE_ODE_TOLERANCE),
 }
 
 ALL_SAMPLERS = (*SAMPLERS, *SCORE_SAMPLERS)
+
+# Samplers that draw x_{t-1} with a U-Net's learned variance (Improved DDPM; t2i.diffusion.vlb). Every other one gets
+# the prediction half alone and no `variance_type` (DPM-Solver would otherwise cut the output to 3 channels itself).
+LEARNED_VARIANCE_SAMPLERS = ("ddpm",)
 
 
 def check_sampler(name: str) -> None:
@@ -92,12 +115,25 @@ def make_scheduler(name: str, scheduler_config: dict, threshold_percentile: floa
         raise T2IError(f"sampler {name!r} is written in t2i and has no diffusers scheduler; choose one of "
                        f"{', '.join(SAMPLERS)}")
     cls, settings = SAMPLERS[name]
+    if scheduler_config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(name):
+        raise T2IError(f"sampler {name!r} cannot sample a zero-terminal-SNR schedule (diffusers' scheduler lacks "
+                       f"rescale_betas_zero_snr); use one of "
+                       f"{', '.join(n for n in ALL_SAMPLERS if supports_zero_terminal_snr(n))}")
     if threshold_percentile is not None:
         if "thresholding" not in inspect.signature(cls.__init__).parameters:
             raise T2IError(f"sampler {name!r} cannot threshold x̂_0; use one of "
                            f"{', '.join(n for n in ALL_SAMPLERS if thresholds(n))}")
         settings = {**settings, "thresholding": True, "dynamic_thresholding_ratio": threshold_percentile}
-    return cls.from_config({**scheduler_config, **settings})
+    config = {**scheduler_config, **settings}
+    if predicts_variance(config) and name not in LEARNED_VARIANCE_SAMPLERS:
+        del config["variance_type"]
+    return cls.from_config(config)
+
+
+def supports_zero_terminal_snr(name: str) -> bool:
+    """Whether sampler `name` honours a config's `rescale_betas_zero_snr` (t2i's own samplers take the σ ladder of
+    `euler`, which does)."""
+    return name in SCORE_SAMPLERS or "rescale_betas_zero_snr" in inspect.signature(SAMPLERS[name][0].__init__).parameters
 
 
 def thresholds(name: str) -> bool:

@@ -69,6 +69,8 @@ def scheduler_alphas_cumprod(config: dict) -> torch.Tensor:
     ours = {name: schedule for schedule, name in DIFFUSERS_BETA_SCHEDULE.items()}.get(config.get("beta_schedule"))
     if ours is not None and config.get("trained_betas") is None and (
             ours == "cosine" or (config.get("beta_start"), config.get("beta_end")) == beta_range(ours)):
+        if config.get("rescale_betas_zero_snr"):
+            return torch.cumprod(1 - rescale_zero_terminal_snr(betas(ours, config["num_train_timesteps"])), dim=0)
         return alphas_cumprod(ours, config["num_train_timesteps"])
     from diffusers import DDPMScheduler
 
@@ -85,10 +87,13 @@ def log_snr(alpha_bar: torch.Tensor) -> torch.Tensor:
     return alpha_bar.log() - torch.log1p(-alpha_bar)
 
 
-def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str) -> dict:
-    """The diffusers scheduler config that reproduces this schedule and parameterisation."""
+def scheduler_config(schedule: Schedule, num_timesteps: int, prediction: str, zero_terminal_snr: bool = False
+                     ) -> dict:
+    """The diffusers scheduler config that reproduces this schedule and parameterisation; `zero_terminal_snr`
+    rescales it to SNR(T) = 0 (diffusers' `rescale_betas_zero_snr`)."""
     start, end = beta_range(schedule)
-    return {
+    rescale = {"rescale_betas_zero_snr": True} if zero_terminal_snr else {}
+    return {**rescale,
         "num_train_timesteps": num_timesteps,
         "beta_schedule": DIFFUSERS_BETA_SCHEDULE[schedule],
         "beta_start": start,
@@ -118,6 +123,13 @@ def karras_sigmas(count: int, sigma_min: float, sigma_max: float, rho: float = 7
     inverse_min, inverse_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (inverse_max + ramp * (inverse_min - inverse_max)) ** rho
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def geometric_sigmas(count: int, sigma_min: float, sigma_max: float) -> torch.Tensor:
+    """`count` noise levels in geometric progression from σ_max down to σ_min, then 0: the ladder of annealed Langevin
+    dynamics (Song & Ermon 2019, §4.2), along which each level is a fixed factor below the one before."""
+    levels = torch.logspace(math.log10(sigma_max), math.log10(sigma_min), count, dtype=torch.float64)
+    return torch.cat([levels, levels.new_zeros(1)])
 
 
 def timestep_from_sigma(sigma: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from t2i.diffusion.ode import solve_ode
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # D(x (B, ...), σ (B,)) -> x̂_0 (B, ...)
 Generator = torch.Generator | Sequence[torch.Generator] | None
 StepNorms = Literal["item", "batch"]
+SDE = Literal["ve", "vp"]
 
 # Song et al. 2021, Table 5 / configs: signal-to-noise ratio r of the Langevin corrector for VE models at 32².
 DEFAULT_CORRECTOR_SNR = 0.16
@@ -116,27 +117,56 @@ def _corrector_step(score: torch.Tensor, z: torch.Tensor, snr: float, norms: Ste
     return 2 * (snr * noise_norm / score_norm.clamp(min=1e-20)) ** 2
 
 
+def _vp_alpha_bar(sigma: torch.Tensor) -> torch.Tensor:
+    return 1 / (1 + sigma**2)
+
+
+def _ve_predictor(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                  z: torch.Tensor) -> torch.Tensor:
+    """Reverse diffusion of the VE SDE (Song et al. 2021, eq. 46): x + (σ² − σ'²) s + √(σ² − σ'²) z."""
+    variance = sigma**2 - sigma_next**2
+    return x + variance * (denoised - x) / sigma**2 + variance.sqrt() * z
+
+
+def _vp_predictor(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
+                  z: torch.Tensor) -> torch.Tensor:
+    """Reverse diffusion of the VP SDE, discretised as its forward process x_i = √(1 − β_i) x_{i−1} + √β_i z is
+    (Song et al. 2021, §4.1 and App. E): x_t' = (2 − √(1 − β)) x_t + β s_t + √β z, with the step's β = 1 − ᾱ/ᾱ' and
+    s_t the score of x_t = √ᾱ x. Its noise √β ≤ 1 is bounded at any step size, where the VE form on a DDPM
+    model adds noise of the size of σ itself."""
+    alpha_bar, alpha_bar_next = _vp_alpha_bar(sigma), _vp_alpha_bar(sigma_next)
+    beta = 1 - alpha_bar / alpha_bar_next
+    xt = alpha_bar.sqrt() * x
+    score_t = alpha_bar.sqrt() * (denoised - x) / (1 - alpha_bar)
+    xt_next = (2 - (1 - beta).sqrt()) * xt + beta * score_t + beta.sqrt() * z
+    return xt_next / alpha_bar_next.sqrt()
+
+
 @torch.no_grad()
 def sample_pc(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, snr: float = DEFAULT_CORRECTOR_SNR,
-              corrector_steps: int = 1, norms: StepNorms = "item", generator: Generator = None) -> torch.Tensor:
+              corrector_steps: int = 1, norms: StepNorms = "item", sde: SDE = "ve",
+              generator: Generator = None) -> torch.Tensor:
     """Predictor–corrector sampling (Song et al. 2021, "Score-based generative modeling through SDEs", Alg. 2).
 
-    At each level, Langevin corrector steps x ← x + ε s + √(2ε) z with ε = 2 (r ‖z‖ / ‖s‖)² (Alg. 4), then the
-    reverse-diffusion predictor x ← x + (σ² − σ'²) s + √(σ² − σ'²) z (eq. 46). Norms are taken per item, not over
-    the batch as in the paper's code, so that an image does not depend on its batch.
+    At each level, Langevin corrector steps x ← x + ε s + √(2ε) z with ε = 2 (r ‖z‖ / ‖s‖)² (Alg. 4; for the VP SDE
+    ε is also scaled by the step's α = ᾱ/ᾱ', Alg. 5), then the reverse-diffusion predictor of the SDE the model was
+    trained with: `sde="ve"` for score models of the VE SDE (eq. 46), `sde="vp"` for DDPM-trained ones. Langevin
+    steps with these ε are the same in x and in x_t = √ᾱ x, so the corrector runs in σ-coordinates for both. Norms
+    are taken per item, not over the batch as in the paper's code, so that an image does not depend on its batch.
     """
+    predictor = {"ve": _ve_predictor, "vp": _vp_predictor}[sde]
     for sigma, sigma_next in pairwise(sigmas):
         sigma_batch = _sigma_batch(sigma, x)
+        step_scale = _vp_alpha_bar(sigma) / _vp_alpha_bar(sigma_next) if sde == "vp" else 1.0
         for _ in range(corrector_steps):
             score = to_score(x, denoise(x, sigma_batch), sigma_batch)
             z = noise_like(x, generator)
-            step = _per_item(_corrector_step(score, z, snr, norms), x)
+            step = step_scale * _per_item(_corrector_step(score, z, snr, norms), x)
             x = x + step * score + (2 * step).sqrt() * z
         denoised = denoise(x, sigma_batch)
         if sigma_next == 0:
             return denoised  # the predictor's mean x + σ² s is x̂_0: the noise-free last step
-        variance = sigma**2 - sigma_next**2
-        x = x + variance * to_score(x, denoised, sigma_batch) + variance.sqrt() * noise_like(x, generator)
+        x = predictor(x, denoised, sigma, sigma_next, noise_like(x, generator))
     return x
 
 

@@ -7,8 +7,10 @@ from t2i.config import UNetConfig
 
 
 def build_unet(config: UNetConfig, latent_channels: int, cross_attention_dim: int,
-               latent_size: int) -> UNet2DConditionModel:
-    return conditional_unet(config, latent_size, latent_channels, latent_channels, cross_attention_dim)
+               latent_size: int, learned_variance: bool = False) -> UNet2DConditionModel:
+    """With `learned_variance`, the output carries a variance channel per latent channel (t2i.diffusion.vlb)."""
+    out_channels = 2 * latent_channels if learned_variance else latent_channels
+    return conditional_unet(config, latent_size, latent_channels, out_channels, cross_attention_dim)
 
 
 def conditional_unet(config, sample_size: int, in_channels: int, out_channels: int, cross_attention_dim: int,

@@ -93,4 +93,5 @@ def _alpha_bar_at(timestep: torch.Tensor, train_sigmas: torch.Tensor) -> torch.T
     high = (low + 1).clamp(max=len(train_sigmas) - 1)
     fraction = t - low
     sigma = train_sigmas[low] * (1 - fraction) + train_sigmas[high] * fraction
-    return alpha_bar_from_sigma(sigma).float().to(timestep.device)
+    # Zero-terminal SNR makes σ_999 infinite (∞ · 0 is NaN): ᾱ = 0 there, a step left unguided.
+    return alpha_bar_from_sigma(sigma).nan_to_num(0.0).float().to(timestep.device)

@@ -22,7 +22,11 @@ from t2i.diffusion.schedules import (
     timestep_from_sigma,
 )
 from t2i.diffusion.score_samplers import Denoiser
+from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.pipeline.classifier_guidance import Guide
+
+
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # diffusers' EulerDiscreteScheduler's stand-in for ᾱ_T = 0
 
 
 def sampling_sigmas(scheduler_config: dict, steps: int) -> torch.Tensor:
@@ -37,9 +41,11 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
     """D(x, σ) of `unet` for token states `context` (B, L, D), or (2B, L, D) as [negative; positive] when guidance ≠ 1;
     guidance rescale acts on the guided network output, dynamic thresholding on x̂_0 (as in diffusers); `guide`
     (t2i.pipeline.classifier_guidance) shifts the guided output by a classifier's gradient."""
-    train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config))
+    # ᾱ_T = 0 under zero-terminal SNR: clamped as diffusers' Euler schedulers clamp it, so that σ_T stays finite.
+    train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config).clamp(min=ZERO_SNR_ALPHA_BAR))
     prediction = scheduler_config.get("prediction_type", "epsilon")
     use_guidance = guidance != 1.0
+    learned_variance = predicts_variance(scheduler_config)  # D(x, σ) is a mean: the variance half is not needed
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         alpha_bar = alpha_bar_from_sigma(sigma.to(torch.float64)).to(x.dtype)
@@ -48,6 +54,8 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
         model_input, model_timestep = ((torch.cat([xt] * 2), torch.cat([timestep] * 2)) if use_guidance
                                        else (xt, timestep))
         output = unet(model_input.to(unet.dtype), model_timestep, encoder_hidden_states=context).sample.to(x.dtype)
+        if learned_variance:
+            output = split_variance(output)[0]
         if use_guidance:
             uncond, cond = output.chunk(2)
             output = classifier_free_guidance(uncond, cond, guidance)

@@ -2,8 +2,10 @@
 
 The VAE and U-Net are diffusers models already and are saved as they are. The text encoder becomes a
 `CLIPTextModel` + `CLIPTokenizer` with clip_skip baked in (t2i.models.convert). The scheduler is the pipeline's
-default sampler over its own noise schedule. A super-resolution stage goes along as sr/ and a classifier as classifier/,
-which diffusers ignores and t2i reads back. The folder is written whole (t2i.atomic).
+default sampler over its own noise schedule. A U-Net with learned variances goes whole with `ddpm`, whose
+DDPMScheduler reads them (`variance_type="learned_range"`); with any other sampler, which diffusers' pipeline would
+hand all 2C channels, it goes without its variance half. A super-resolution stage goes along as sr/ and a classifier as
+classifier/, which diffusers ignores and t2i reads back. The folder is written whole (t2i.atomic).
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import json
 from pathlib import Path
 
 import diffusers
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from t2i.atomic import write_folder
-from t2i.diffusion.samplers import SAMPLERS, SCORE_SAMPLERS, diffusers_class
+from t2i.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS, SCORE_SAMPLERS, diffusers_class
+from t2i.diffusion.vlb import predicts_variance
 from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
 from t2i.models.text_encoder import OpenClipTextEncoder
@@ -37,8 +40,12 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     if sampler in SCORE_SAMPLERS:
         raise T2IError(f"sampler {sampler!r} is written in t2i and has no diffusers scheduler; export with --sampler "
                        f"one of {', '.join(SAMPLERS)}")
-    scheduler = diffusers_class(sampler).from_config({**pipe.scheduler_config, **SAMPLERS[sampler][1]})
-    exported = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=pipe.unet,
+    unet, scheduler_config = pipe.unet, pipe.scheduler_config
+    if predicts_variance(scheduler_config) and sampler not in LEARNED_VARIANCE_SAMPLERS:
+        unet, scheduler_config = without_variance(unet), {k: v for k, v in scheduler_config.items()
+                                                          if k != "variance_type"}
+    scheduler = diffusers_class(sampler).from_config({**scheduler_config, **SAMPLERS[sampler][1]})
+    exported = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     with write_folder(out, "the diffusers pipeline") as staging:
@@ -47,10 +54,22 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
             pipe.sr.save_pretrained(staging / SR)
         if pipe.classifier is not None:
             pipe.classifier.save_pretrained(staging / CLASSIFIER)
-        _write_scheduler_config(staging, sampler, pipe.scheduler_config)
+        _write_scheduler_config(staging, sampler, scheduler_config)
         if isinstance(pipe.text_encoder, OpenClipTextEncoder):
             write_vocab_and_merges(staging / "tokenizer")
     return out
+
+
+def without_variance(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A copy of a learned-variance U-Net that outputs its prediction half alone: the first C filters of conv_out,
+    the only layer that makes the variance half."""
+    channels = unet.config.in_channels
+    state = unet.state_dict()
+    for name in ("conv_out.weight", "conv_out.bias"):
+        state[name] = state[name][:channels]
+    mean_only = UNet2DConditionModel.from_config({**unet.config, "out_channels": channels})
+    mean_only.load_state_dict(state)
+    return mean_only.to(device=unet.device, dtype=unet.dtype).eval()
 
 
 def _write_scheduler_config(folder: Path, sampler: str, scheduler_config: dict) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from t2i.diffusion.guidance import classifier_free_guidance, rescale_guidance
 from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler
+from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.errors import T2IError
 from t2i.models.classifier import NoisyLatentClassifier
 from t2i.models.text_encoder import TextEncoder, report_truncation
@@ -279,11 +280,14 @@ class Text2ImagePipeline:
         if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
             scheduler.noise_sampler_seed = list(seeds)
         predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
+        learned_variance = predicts_variance(self.scheduler_config)
         for t in scheduler.timesteps:
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t).to(self.dtype)
             prediction = self.unet(model_input, t, encoder_hidden_states=context).sample.float()
             predictions_finite &= torch.isfinite(prediction).all()
+            if learned_variance:  # guidance acts on the prediction half alone
+                prediction, variance = split_variance(prediction)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
@@ -291,6 +295,8 @@ class Text2ImagePipeline:
                     prediction = rescale_guidance(prediction, cond, guidance_rescale)
             if guide is not None:
                 prediction = guide(scheduler.scale_model_input(latents, t), t, prediction, None)
+            if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
+                prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         if not predictions_finite:
             raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
@@ -334,6 +340,14 @@ class Text2ImagePipeline:
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
         return _to_pil(self.vae.decode(latents.to(self.dtype)).sample)
+
+
+def last_step_variance(scheduler, t, variance: torch.Tensor, use_guidance: bool) -> torch.Tensor:
+    """The learned variance half that DDPMScheduler.step reads: the conditional one, and at the step to x_0 the
+    lower end, β̃ = 0 (no noise, as the paper's chain ends). diffusers clamps that β̃ to 1e-20 and would extrapolate
+    log-linearly from it for v > 1: a variance of about e^23 β."""
+    variance = variance.chunk(2)[1] if use_guidance else variance
+    return torch.full_like(variance, -1.0) if scheduler.previous_timestep(t) < 0 else variance
 
 
 def _guided_context(context: torch.Tensor, negative_context: torch.Tensor | None, guidance: float) -> torch.Tensor:

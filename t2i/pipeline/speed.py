@@ -14,11 +14,13 @@ from typing import Literal
 import torch
 
 from t2i.errors import T2IError
+from t2i.models.padded_attention import pad_cross_attention
 from t2i.precision import bf16_is_fast
 
 Compile = Literal["off", "blocks", "full"]
 COMPILE_MODES: tuple[str, ...] = ("off", "blocks", "full")
 NETWORK_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16")
+SWITCH_VALUES: tuple[str, ...] = ("auto", "on", "off")
 # Where Inductor keeps compiled kernels between processes, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "t2i" / "inductor"
 
@@ -31,19 +33,25 @@ class SpeedOptions:
     `channels_last`: NHWC activations: oneDNN's fp32 convolutions run up to 2x faster on them, but in bf16 the
     GroupNorms (kept fp32) run 4x slower, so it is off by default (docs/performance.md).
     `fuse_qkv`: one projection for query, key and value (key and value in cross-attention).
-    `cuda_graphs`: on CUDA, replay the compiled U-Net as CUDA graphs (fixed shapes; needs compile)."""
+    `cuda_graphs`: on CUDA, replay the compiled U-Net as CUDA graphs (fixed shapes; needs compile).
+    `pad_cross_attention`: pad the text's 77 keys to 80 and mask the padding (t2i.models.padded_attention), for
+    torch's CPU flash attention, which is 2x slower at key lengths off its block; "auto": on CPUs only."""
 
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: Compile = "off"
     channels_last: bool = False
     fuse_qkv: bool = False
     cuda_graphs: bool = False
+    pad_cross_attention: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
         if self.dtype not in NETWORK_DTYPES:
             raise T2IError(f"dtype must be one of {', '.join(NETWORK_DTYPES)}; got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
             raise T2IError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.pad_cross_attention not in SWITCH_VALUES:
+            raise T2IError(f"pad_cross_attention must be one of {', '.join(SWITCH_VALUES)}; "
+                           f"got {self.pad_cross_attention!r}")
         if self.cuda_graphs and self.compile == "off":
             raise T2IError("cuda_graphs replays compiled code: set compile to 'blocks' or 'full' as well")
 
@@ -69,6 +77,8 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
         raise T2IError("cuda_graphs needs a CUDA device")
     if options.fuse_qkv:
         unet.fuse_qkv_projections()
+    if options.pad_cross_attention == "on" or (options.pad_cross_attention == "auto" and device.type == "cpu"):
+        pad_cross_attention(unet)
     if options.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)

@@ -34,6 +34,7 @@ from t2i.config import TrainConfig
 from t2i.data.loader import batch_to_device, train_batches
 from t2i.errors import T2IError
 from t2i.pipeline.pipeline import NonFiniteSample
+from t2i.pipeline.speed import compile_cache_dir
 from t2i.precision import resolve_mixed_precision
 from t2i.training.checkpoint import (
     TrainingState,
@@ -120,6 +121,9 @@ class TrainLoop:
             # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than softmax(QKᵀ)V by batched
             # matmuls, which AMX runs fast (docs/performance.md).
             stage.model.set_attn_processor(AttnProcessor())
+        if config.compile:
+            compile_cache_dir()
+            stage.model.compile()  # in place: parameter names, checkpoints and EMA are unchanged
         # The optimiser, EMA and checks see only these: frozen weights (a LoRA run's base U-Net) are left alone.
         self.trainable = [(name, p) for name, p in stage.model.named_parameters() if p.requires_grad]
         trainable = [p for _, p in self.trainable]

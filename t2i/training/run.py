@@ -40,6 +40,7 @@ from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
 from t2i.diffusion.super_resolution import residual_scale
+from t2i.diffusion.vlb import LEARNED_RANGE
 from t2i.errors import T2IError
 from t2i.models.classifier import NoisyLatentClassifier, build_classifier
 from t2i.models.sr_unet import build_sr_unet
@@ -95,7 +96,15 @@ def load_sr(config: RunConfig, run_dir: Path) -> Upscaler:
 
 def pipeline_scheduler_config(config: RunConfig) -> dict:
     diffusion = config.diffusion
-    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction)
+    return scheduler_config(diffusion.schedule, diffusion.num_train_timesteps, diffusion.prediction,
+                            diffusion.zero_terminal_snr)
+
+
+def unet_scheduler_config(config: RunConfig) -> dict:
+    """The base U-Net's scheduler config: the pipeline's, recording learned variances where the U-Net has them
+    (a loaded pipeline then samples with them); the SR stage's never has them."""
+    scheduler = pipeline_scheduler_config(config)
+    return {**scheduler, "variance_type": LEARNED_RANGE} if config.diffusion.learned_variance else scheduler
 
 
 def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path:
@@ -203,9 +212,9 @@ def _unet_stage(inputs: StageInputs):
     vae = load_vae(run_dir)  # UNetStage moves it to the device, before the latents are cached
     text_encoder = load_text_encoder(config, run_dir)
     unet = build_unet(config.unet, vae.config.latent_channels, text_encoder.hidden_size,
-                      config.data.resolution // config.vae.latent_factor)
+                      config.data.resolution // config.vae.latent_factor, config.diffusion.learned_variance)
     preview = [prompt for prompt, _ in prompt_suite(config.data.held_out_pairs)][:PREVIEW_PROMPTS]
-    stage = UNetStage(unet, vae, text_encoder, config.diffusion, pipeline_scheduler_config(config), preview,
+    stage = UNetStage(unet, vae, text_encoder, config.diffusion, unet_scheduler_config(config), preview,
                       inputs.device)
     return stage, _prepared_data(config, stage, inputs.dataset)
 
@@ -230,7 +239,7 @@ def _sr_stage(inputs: StageInputs):
                         config.sr.residual, config.sr.max_noise_level, sr_defaults(config),
                         residual_scale(measured, config.sr.factor) if config.sr.residual else 1.0)
     preview = next(iter(DataLoader(high_data, batch_size=PREVIEW_PROMPTS)))
-    stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device)
+    stage = SRStage(upscaler, text_encoder, config.diffusion, preview, inputs.device, config.sr.min_snr_gamma)
     if config.cache_text_states and (captions := _all_captions(high_data)) is not None:
         stage.cache_text_states(captions, _cache_dir(config))
     return stage, high_data
@@ -346,7 +355,7 @@ def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
     sampling = config.sampling
     pipe = Text2ImagePipeline(
         load_vae(run_dir), load_text_encoder(config, run_dir), UNet2DConditionModel.from_pretrained(unet_folder),
-        pipeline_scheduler_config(config),
+        unet_scheduler_config(config),
         defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                   "sampler": sampling.sampler},
         sr=load_sr(config, run_dir) if "sr" in config.stages else None,

@@ -25,13 +25,15 @@ class SRStage:
     name = "sr"
 
     def __init__(self, upscaler: Upscaler, text_encoder: TextEncoder, diffusion: DiffusionConfig,
-                 preview: dict, device: torch.device):
-        """`preview`: a batch ({"pixel_values", "caption"}) of high-resolution images that sample() upscales."""
+                 preview: dict, device: torch.device, min_snr_gamma: float | None = None):
+        """`preview`: a batch ({"pixel_values", "caption"}) of high-resolution images that sample() upscales;
+        `diffusion` gives caption dropout, `min_snr_gamma` the loss weighting (None: unweighted)."""
         self.model = upscaler.unet
         self.upscaler = upscaler
         self.text_encoder = text_encoder.requires_grad_(False).eval().to(device)
         self.diffusion = diffusion
         self.preview = preview
+        self.min_snr_gamma = min_snr_gamma
         self.prediction = upscaler.scheduler_config["prediction_type"]
         self.alpha_bar = upscaler.alphas_cumprod.to(device)
         self.text_states: TextStates | None = None  # see cache_text_states; None: encoded at every step
@@ -59,8 +61,8 @@ class SRStage:
         alpha_bar = self.alpha_bar[t]
         prediction = upscaler.predict(model, add_noise(x0, noise, alpha_bar), condition, t, context, levels)
         target = training_target(self.prediction, x0, noise, alpha_bar)
-        weights = (min_snr_weights(alpha_bar, self.diffusion.min_snr_gamma, self.prediction)
-                   if self.diffusion.min_snr_gamma else None)
+        weights = (min_snr_weights(alpha_bar, self.min_snr_gamma, self.prediction)
+                   if self.min_snr_gamma else None)
         return diffusion_loss(prediction, target, weights), {}
 
     @torch.no_grad()

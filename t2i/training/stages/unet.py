@@ -1,5 +1,6 @@
-"""Stage unet: train the conditional U-Net to denoise VAE latents (DDPM's simple loss, ε or v target), with
-captions dropped to the empty prompt so that classifier-free guidance works. VAE and text encoder are frozen."""
+"""Stage unet: train the conditional U-Net to denoise VAE latents (DDPM's simple loss, ε or v target; with learned
+variances Improved DDPM's L_hybrid), with captions dropped to the empty prompt so that classifier-free guidance
+works. VAE and text encoder are frozen."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from t2i.data.text_states import EMPTY_PROMPT, TextStates, cached_text_states
 from t2i.diffusion.losses import diffusion_loss, min_snr_weights
 from t2i.diffusion.parameterization import add_noise, training_target
 from t2i.diffusion.schedules import scheduler_alphas_cumprod
+from t2i.diffusion.vlb import hybrid_loss, predicts_variance
 from t2i.eval.grid import save_grid
 from t2i.models.text_encoder import TextEncoder
 from t2i.pipeline import Text2ImagePipeline
@@ -57,6 +59,9 @@ class UNetStage:
         self.num_train_timesteps = scheduler_config["num_train_timesteps"]
         self.alpha_bar = scheduler_alphas_cumprod(scheduler_config).float().to(device)
         self.text_states: TextStates | None = None  # see cache_text_states; None: encoded at every step
+        # A U-Net with learned variances (Improved DDPM) trains on L_hybrid; ᾱ in float64 keeps β_t exact near t = 0.
+        self.learned_variance = predicts_variance(scheduler_config)
+        self.exact_alpha_bar = scheduler_alphas_cumprod(scheduler_config).to(device) if self.learned_variance else None
 
     def _latents(self, batch: dict, rng: BatchRandomness) -> torch.Tensor:
         return sample_latents(self.vae, batch, rng)
@@ -89,10 +94,15 @@ class UNetStage:
             noise = noise + self.diffusion.noise_offset * rng.randn((*x0.shape[:2], 1, 1), dtype=x0.dtype,
                                                                     device=x0.device)
         alpha_bar = self.alpha_bar[t]
-        prediction = unet(add_noise(x0, noise, alpha_bar), t, encoder_hidden_states=context).sample
+        xt = add_noise(x0, noise, alpha_bar)
+        prediction = unet(xt, t, encoder_hidden_states=context).sample
         target = training_target(self.prediction, x0, noise, alpha_bar)
         weights = (min_snr_weights(alpha_bar, self.diffusion.min_snr_gamma, self.prediction)
                    if self.diffusion.min_snr_gamma else None)
+        if self.learned_variance:
+            loss, vlb = hybrid_loss(self.prediction, prediction, target, x0, xt, self.exact_alpha_bar, t,
+                                    self.diffusion.vlb_weight, weights)
+            return loss, {"vlb_bits_per_dim": vlb.item()}
         return diffusion_loss(prediction, target, weights), {}
 
     @torch.no_grad()
