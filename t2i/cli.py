@@ -117,6 +117,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--dynamic-threshold", type=float, default=None, metavar="PERCENTILE",
                           help="Imagen's dynamic thresholding of the predicted latents at this percentile, e.g. "
                                "0.995 (default: off)")
+    generate.add_argument("--classifier-guidance", type=float, default=0.0, metavar="SCALE",
+                          help="classifier guidance (Dhariwal & Nichol 2021) towards the colour and shape the prompt "
+                               "names, with the pipeline's classifier (classifier/); 0 off (default)")
     generate.add_argument("--num-images", type=int, default=1, help="how many images (default: 1)")
     generate.add_argument("--height", type=int, default=None, help="image height in pixels (default: trained size)")
     generate.add_argument("--width", type=int, default=None, help="image width in pixels (default: trained size)")
@@ -316,7 +319,8 @@ def _generate(args) -> None:
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
                   guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
                   sampler=args.sampler, progress=True, upscale=args.upscale, eta=args.eta,
-                  guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold)
+                  guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold,
+                  classifier_guidance=args.classifier_guidance)
     _save_images(images, args.out)
 
 

@@ -18,7 +18,7 @@ Device = Literal["auto", "cpu", "cuda"]
 MixedPrecision = Literal["no", "fp16", "bf16", "auto"]
 # Sizes the shapes dataset is rendered at: 32 and 64 for the base model, 128 too as the target of a 4x stage sr.
 SHAPES_RESOLUTIONS = (32, 64, 128)
-Stage = Literal["vae", "clip", "unet", "sr", "finetune"]
+Stage = Literal["vae", "clip", "unet", "sr", "finetune", "classifier"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,24 @@ class SRConfig:
 
 
 @dataclass(frozen=True)
+class ClassifierConfig:
+    """Stage classifier: a noise-aware classifier of the U-Net's noisy latents, p(colour, shape | x_t, t), for
+    classifier guidance (Dhariwal & Nichol 2021, §4; t2i.models.classifier). Trained on the shapes data, whose
+    single-object scenes carry their colour and shape; the noise schedule is the U-Net's (`diffusion`)."""
+
+    # The sizes measured on the demo (docs/samplers.md, "Classifier guidance"): 0.4 M parameters.
+    block_out_channels: tuple[int, ...] = (64, 128)
+    layers_per_block: int = 1
+    norm_num_groups: int = 16
+
+    def __post_init__(self):
+        _check(len(self.block_out_channels) >= 1, "classifier.block_out_channels needs at least one entry")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               "classifier.norm_num_groups must divide every entry of classifier.block_out_channels")
+        _check(self.layers_per_block >= 1, "classifier.layers_per_block must be at least 1")
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     schedule: Literal["linear", "scaled_linear", "cosine"] = "cosine"
     prediction: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"  # sample: the network predicts x_0
@@ -319,6 +337,8 @@ class StageTrainConfigs:
     unet: TrainConfig = field(default_factory=TrainConfig)
     sr: TrainConfig = field(default_factory=lambda: TrainConfig(steps=600, batch_size=32, learning_rate=1e-3))
     finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=500, batch_size=4, learning_rate=1e-4))
+    classifier: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=4000, batch_size=128, learning_rate=1e-3, warmup_steps=100, ema_decay=0.999))
 
 
 @dataclass(frozen=True)
@@ -399,6 +419,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sr: SRConfig = field(default_factory=SRConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
 
     def __post_init__(self):
         _check(self.local_processes >= 1, "local_processes must be at least 1")
@@ -413,6 +434,9 @@ class RunConfig:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "
                    "text_encoder.source is pretrained")
+        if "classifier" in self.stages:
+            _check(self.data.dataset == "shapes", "stage 'classifier' needs labelled images: data.dataset 'shapes' "
+                                                  "(user images carry captions, not colour and shape labels)")
         if "sr" in self.stages:
             high = self.data.resolution * self.sr.factor
             _check(self.data.dataset != "shapes" or high in SHAPES_RESOLUTIONS,

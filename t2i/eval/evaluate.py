@@ -27,13 +27,14 @@ class Evaluation:
 
 def evaluate(pipe, suite: list[tuple[str, str]], num_inference_steps: int | None = None,
              guidance_scale: float | None = None, sampler: str | None = None, seed: int = 0,
-             batch_size: int = 48) -> Evaluation:
+             batch_size: int = 48, classifier_guidance: float = 0.0) -> Evaluation:
     """Generate one image per (prompt, category) of `suite`, image i from seed + i, and judge it."""
     prompts = [prompt for prompt, _ in suite]
     categories = [category for _, category in suite]
     started = time.perf_counter()
     images = pipe(prompts, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                  sampler=sampler, seed=seed, batch_size=batch_size, progress=True)
+                  sampler=sampler, seed=seed, batch_size=batch_size, progress=True,
+                  classifier_guidance=classifier_guidance)
     seconds = time.perf_counter() - started
     judgements = [judge(image, prompt) for image, prompt in zip(images, prompts)]
     return Evaluation(prompts, categories, images, judgements, summarize(judgements, categories), seconds)

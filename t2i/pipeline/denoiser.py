@@ -24,6 +24,7 @@ from t2i.diffusion.schedules import (
 )
 from t2i.diffusion.score_samplers import Denoiser
 from t2i.diffusion.vlb import predicts_variance, split_variance
+from t2i.pipeline.classifier_guidance import Guide
 
 
 def sampling_sigmas(scheduler_config: dict, steps: int) -> torch.Tensor:
@@ -34,9 +35,10 @@ def sampling_sigmas(scheduler_config: dict, steps: int) -> torch.Tensor:
 
 
 def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config: dict, guidance_rescale: float = 0.0,
-                  threshold_percentile: float | None = None) -> Denoiser:
+                  threshold_percentile: float | None = None, guide: Guide | None = None) -> Denoiser:
     """D(x, σ) of `unet` for token states `context` (B, L, D), or (2B, L, D) as [negative; positive] when guidance ≠ 1;
-    guidance rescale acts on the guided network output, dynamic thresholding on x̂_0 (as in diffusers)."""
+    guidance rescale acts on the guided network output, dynamic thresholding on x̂_0 (as in diffusers); `guide`
+    (t2i.pipeline.classifier_guidance) shifts the guided output by a classifier's gradient."""
     # ᾱ_T = 0 under zero-terminal SNR: clamped as diffusers' Euler schedulers clamp it, so that σ_T stays finite.
     train_sigmas = sigma_from_alpha_bar(scheduler_alphas_cumprod(scheduler_config).clamp(min=ZERO_SNR_ALPHA_BAR))
     prediction = scheduler_config.get("prediction_type", "epsilon")
@@ -47,8 +49,9 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
         alpha_bar = alpha_bar_from_sigma(sigma.to(torch.float64)).to(x.dtype)
         xt = x * alpha_bar.sqrt().reshape(-1, *([1] * (x.ndim - 1)))
         timestep = timestep_from_sigma(sigma, train_sigmas).to(torch.float32).to(x.device)
-        model_input, timestep = (torch.cat([xt] * 2), torch.cat([timestep] * 2)) if use_guidance else (xt, timestep)
-        output = unet(model_input.to(unet.dtype), timestep, encoder_hidden_states=context).sample.to(x.dtype)
+        model_input, model_timestep = ((torch.cat([xt] * 2), torch.cat([timestep] * 2)) if use_guidance
+                                       else (xt, timestep))
+        output = unet(model_input.to(unet.dtype), model_timestep, encoder_hidden_states=context).sample.to(x.dtype)
         if learned_variance:
             output = split_variance(output)[0]
         if use_guidance:
@@ -56,6 +59,8 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
             output = classifier_free_guidance(uncond, cond, guidance)
             if guidance_rescale:
                 output = rescale_guidance(output, cond, guidance_rescale)
+        if guide is not None:
+            output = guide(xt, timestep, output, alpha_bar)
         x0 = x0_from_prediction(prediction, xt, output, alpha_bar)
         return x0 if threshold_percentile is None else dynamic_threshold(x0, threshold_percentile)
 

@@ -4,8 +4,8 @@ The VAE and U-Net are diffusers models already and are saved as they are. The te
 `CLIPTextModel` + `CLIPTokenizer` with clip_skip baked in (t2i.models.convert). The scheduler is the pipeline's
 default sampler over its own noise schedule. A U-Net with learned variances goes whole with `ddpm`, whose
 DDPMScheduler reads them (`variance_type="learned_range"`); with any other sampler, which diffusers' pipeline would
-hand all 2C channels, it goes without its variance half. A super-resolution stage goes along as sr/, which diffusers ignores and
-t2i reads back. The folder is written whole (t2i.atomic).
+hand all 2C channels, it goes without its variance half. A super-resolution stage goes along as sr/ and a classifier as
+classifier/, which diffusers ignores and t2i reads back. The folder is written whole (t2i.atomic).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
 from t2i.models.text_encoder import OpenClipTextEncoder
 from t2i.pipeline.pipeline import Text2ImagePipeline
-from t2i.pipeline.storage import SCHEDULER_CONFIG, SR
+from t2i.pipeline.storage import CLASSIFIER, SCHEDULER_CONFIG, SR
 
 
 def export_folder(model: str | Path, out: str | Path, sampler: str | None = None, allow_pickle: bool = False) -> Path:
@@ -52,6 +52,8 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
         exported.save_pretrained(staging, safe_serialization=True)
         if pipe.sr is not None:
             pipe.sr.save_pretrained(staging / SR)
+        if pipe.classifier is not None:
+            pipe.classifier.save_pretrained(staging / CLASSIFIER)
         _write_scheduler_config(staging, sampler, scheduler_config)
         if isinstance(pipe.text_encoder, OpenClipTextEncoder):
             write_vocab_and_merges(staging / "tokenizer")

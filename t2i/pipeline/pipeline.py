@@ -22,9 +22,11 @@ from t2i.diffusion.guidance import classifier_free_guidance, rescale_guidance
 from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler
 from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.errors import T2IError
+from t2i.models.classifier import NoisyLatentClassifier
 from t2i.models.text_encoder import TextEncoder, report_truncation
 from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
+from t2i.pipeline.classifier_guidance import Guide, classifier_guide, prompt_labels
 from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.pipeline.upscaler import Upscaler
@@ -57,16 +59,19 @@ class NonFiniteSample(T2IError):
 
 class Text2ImagePipeline:
     """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on; optionally
-    a super-resolution stage (`sr`) that upsamples their images, conditioned on the same text encoder."""
+    a super-resolution stage (`sr`) that upsamples their images, conditioned on the same text encoder, and a
+    noise-aware classifier of the latents (`classifier`) for classifier guidance."""
 
     def __init__(self, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
-                 scheduler_config: dict, defaults: dict | None = None, sr: Upscaler | None = None):
+                 scheduler_config: dict, defaults: dict | None = None, sr: Upscaler | None = None,
+                 classifier: NoisyLatentClassifier | None = None):
         self.vae = vae.eval()
         self.text_encoder = text_encoder.eval()
         self.unet = unet.eval()
         self.scheduler_config = dict(scheduler_config)
         self.defaults = {"num_inference_steps": 30, "guidance_scale": 7.5, "sampler": "dpmpp_2m", **(defaults or {})}
         self.sr = sr
+        self.classifier = classifier.eval() if classifier is not None else None
         self.device, self.dtype = self.unet.device, self.unet.dtype
 
     # ----------------------------------------------------------------- loading, saving, moving
@@ -84,7 +89,7 @@ class Text2ImagePipeline:
 
     def save_pretrained(self, path: str | Path) -> None:
         storage.save_components(Path(path), self.vae, self.text_encoder, self.unet, self.scheduler_config,
-                                self.defaults, self.sr)
+                                self.defaults, self.sr, self.classifier)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
         self.device = resolve_device(device)
@@ -95,6 +100,8 @@ class Text2ImagePipeline:
                 torch.nn.Module.to(module, self.dtype)  # diffusers' own `to` warns at every dtype cast
         if self.sr is not None:
             self.sr.to(self.device, self.dtype)
+        if self.classifier is not None:  # stays fp32, as guidance does: it is small, and its gradient steers
+            self.classifier.to(self.device)
         return self
 
     def speed_up(self, options: SpeedOptions | None = None) -> "Text2ImagePipeline":
@@ -142,6 +149,7 @@ class Text2ImagePipeline:
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
         dynamic_threshold: float | None = None,
+        classifier_guidance: float = 0.0,
     ) -> list[Image.Image]:
         """Images for `prompt` (one per prompt); image i is drawn from seed + i, or from seed[i] for a list.
         With `upscale`, each image then goes through the SR stage (its own defaults), with the same prompt and seed.
@@ -149,6 +157,8 @@ class Text2ImagePipeline:
         `eta` is DDIM's η (Song et al. 2020, eq. 16): 0 deterministic, 1 DDPM's ancestral noise; for `ddim` only.
         `guidance_rescale` is φ of Lin et al. 2023 (eq. 16; 0 off, 0.7 theirs); `dynamic_threshold` is Imagen's
         percentile p (Saharia et al. 2022, §2.3; None off, 0.995 theirs), for samplers that see x̂_0.
+        `classifier_guidance` is the scale s of classifier guidance (Dhariwal & Nichol 2021, Alg. 2; 0 off) towards
+        the labels each prompt names (t2i.pipeline.classifier_guidance), with or without classifier-free guidance.
 
         An image with seed s starts from the latents `StableDiffusionPipeline` draws for
         `generator=torch.Generator("cpu").manual_seed(s)`, on any device.
@@ -165,6 +175,7 @@ class Text2ImagePipeline:
         height, width = self._check_size(height or self.default_size, width or self.default_size)
         if upscale:
             self._require_sr().check_size(height, width)
+        labels = prompt_labels(prompts, self._require_classifier().config.labels) if classifier_guidance else None
 
         batch_size = batch_size or len(prompts)
         images: list[Image.Image] = []
@@ -173,8 +184,10 @@ class Text2ImagePipeline:
             chunk = slice(start, start + batch_size)
             context = self.encode_prompts(prompts[chunk])
             negative_context = self.encode_prompts(negatives[chunk]) if guidance != 1.0 else None
+            guide = self.classifier_guide(labels[chunk], classifier_guidance) if labels is not None else None
             latents = self.denoise(context, negative_context, seeds[chunk], steps, guidance, height, width, sampler,
-                                   eta=eta, guidance_rescale=guidance_rescale, dynamic_threshold=dynamic_threshold)
+                                   eta=eta, guidance_rescale=guidance_rescale, dynamic_threshold=dynamic_threshold,
+                                   guide=guide)
             base = self.decode(latents)
             images.extend(self.upscale(base, prompts[chunk], negative_prompt=negatives[chunk], seed=seeds[chunk])
                           if upscale else base)
@@ -185,6 +198,16 @@ class Text2ImagePipeline:
             raise T2IError("this pipeline has no super-resolution stage (no sr/ folder); train one with stage 'sr' "
                            "(t2i demo --cascade, or stages: [vae, clip, unet, sr])")
         return self.sr
+
+    def _require_classifier(self) -> NoisyLatentClassifier:
+        if self.classifier is None:
+            raise T2IError("this pipeline has no classifier (no classifier/ folder), so classifier guidance cannot "
+                           "be used; train one with stage 'classifier' (stages: [vae, clip, unet, classifier])")
+        return self.classifier
+
+    def classifier_guide(self, labels: torch.Tensor, scale: float) -> Guide:
+        """The guide that `denoise` applies for `labels` (B, heads) (see `prompt_labels`) at scale `scale`."""
+        return classifier_guide(self._require_classifier(), labels, scale, self.scheduler_config)
 
     @torch.inference_mode()
     def upscale(
@@ -235,14 +258,16 @@ class Text2ImagePipeline:
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
                 guidance: float, height: int, width: int, sampler: str, eta: float = 0.0,
-                guidance_rescale: float = 0.0, dynamic_threshold: float | None = None) -> torch.Tensor:
+                guidance_rescale: float = 0.0, dynamic_threshold: float | None = None,
+                guide: Guide | None = None) -> torch.Tensor:
         """Latents (B, C, h, w) from token states (B, L, D) that callers may have encoded once and reused.
 
         `negative_context` is needed unless guidance is 1; the U-Net sees both halves in one batched forward.
+        `guide` (see `classifier_guide`) shifts the guided prediction at every step: classifier guidance.
         """
         if sampler in SCORE_SAMPLERS:
             return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height, width,
-                                                   sampler, guidance_rescale, dynamic_threshold)
+                                                   sampler, guidance_rescale, dynamic_threshold, guide)
         scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
         context = _guided_context(context, negative_context, guidance)
@@ -268,6 +293,8 @@ class Text2ImagePipeline:
                 prediction = classifier_free_guidance(uncond, cond, guidance)
                 if guidance_rescale:
                     prediction = rescale_guidance(prediction, cond, guidance_rescale)
+            if guide is not None:
+                prediction = guide(scheduler.scale_model_input(latents, t), t, prediction, None)
             if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
                 prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
@@ -283,11 +310,12 @@ class Text2ImagePipeline:
     def denoise_with_score_sampler(self, context: torch.Tensor, negative_context: torch.Tensor | None,
                                    seeds: list[int], steps: int, guidance: float, height: int, width: int,
                                    sampler: str, guidance_rescale: float = 0.0,
-                                   dynamic_threshold: float | None = None) -> torch.Tensor:
+                                   dynamic_threshold: float | None = None, guide: Guide | None = None
+                                   ) -> torch.Tensor:
         """`denoise` for the samplers written in t2i, which call the U-Net through a denoiser D(x, σ) that applies
         classifier-free guidance; same seeds, same starting noise, same σ ladder as the `euler` sampler."""
         denoise = unet_denoiser(self.unet, _guided_context(context, negative_context, guidance), guidance,
-                                self.scheduler_config, guidance_rescale, dynamic_threshold)
+                                self.scheduler_config, guidance_rescale, dynamic_threshold, guide)
         sigmas = sampling_sigmas(self.scheduler_config, steps)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         noise = self._initial_noise(generators, height, width)

@@ -2,7 +2,8 @@
 
 A t2i folder holds `t2i_pipeline.json` beside vae/, unet/, text_encoder/ (open_clip or Hugging Face CLIP),
 tokenizer/ (Hugging Face only) and scheduler/. Either layout may hold sr/, the cascade's optional
-super-resolution stage (t2i.pipeline.upscaler), which diffusers itself ignores. A folder is written under a temporary name and swapped in
+super-resolution stage (t2i.pipeline.upscaler), and classifier/, the optional noise-aware classifier of classifier
+guidance (t2i.models.classifier), which diffusers itself ignores. A folder is written under a temporary name and swapped in
 when complete (t2i.atomic), so a crash never leaves a half-written pipeline, nor none, behind.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from t2i.atomic import write_folder
 from t2i.errors import T2IError
 from t2i.models import weight_files
+from t2i.models.classifier import NoisyLatentClassifier
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
 from t2i.pipeline.upscaler import Upscaler
 
@@ -23,7 +25,8 @@ DIFFUSERS_INDEX = "model_index.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 FORMAT_VERSION = 1
 SR = "sr"
-COMPONENT_NAMES = {"vae": "VAE", "unet": "U-Net"}
+CLASSIFIER = "classifier"
+COMPONENT_NAMES = {"vae": "VAE", "unet": "U-Net", CLASSIFIER: "classifier"}
 
 
 def load_components(path: Path, allow_pickle: bool = False) -> dict:
@@ -33,9 +36,9 @@ def load_components(path: Path, allow_pickle: bool = False) -> dict:
     if not path.is_dir():
         raise T2IError(f"model path '{path}' is a file; expected a pipeline folder")
     if (path / MANIFEST).is_file():
-        return {**_load_t2i(path, allow_pickle), "sr": _load_sr(path, allow_pickle)}
+        return {**_load_t2i(path, allow_pickle), **_load_optional(path, allow_pickle)}
     if (path / DIFFUSERS_INDEX).is_file():
-        return {**_load_diffusers(path, allow_pickle), "sr": _load_sr(path, allow_pickle)}
+        return {**_load_diffusers(path, allow_pickle), **_load_optional(path, allow_pickle)}
     raise T2IError(f"'{path}' is neither a t2i pipeline (no {MANIFEST}) nor a diffusers Stable Diffusion "
                    f"folder (no {DIFFUSERS_INDEX})")
 
@@ -93,8 +96,19 @@ def _load_hf_text_encoder(path: Path, allow_pickle: bool, clip_skip: int = 0) ->
         return HFClipTextEncoder.from_folders(path / "text_encoder", path / "tokenizer", clip_skip, allow_pickle)
 
 
+def _load_optional(path: Path, allow_pickle: bool) -> dict:
+    """The components a folder of either layout may hold beside the diffusers ones: sr/ and classifier/."""
+    return {"sr": _load_sr(path, allow_pickle), "classifier": _load_classifier(path, allow_pickle)}
+
+
 def _load_sr(path: Path, allow_pickle: bool) -> Upscaler | None:
     return Upscaler.from_pretrained(path / SR, path, allow_pickle) if (path / SR).is_dir() else None
+
+
+def _load_classifier(path: Path, allow_pickle: bool) -> NoisyLatentClassifier | None:
+    if not (path / CLASSIFIER).is_dir():
+        return None
+    return _load_diffusers_model(NoisyLatentClassifier, path, CLASSIFIER, allow_pickle)
 
 
 def _read_scheduler_config(path: Path) -> dict:
@@ -103,10 +117,13 @@ def _read_scheduler_config(path: Path) -> dict:
 
 
 def save_components(path: Path, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
-                    scheduler_config: dict, defaults: dict, sr: Upscaler | None = None) -> None:
+                    scheduler_config: dict, defaults: dict, sr: Upscaler | None = None,
+                    classifier: NoisyLatentClassifier | None = None) -> None:
     with write_folder(path, "pipeline") as staging:
         if sr is not None:
             sr.save_pretrained(staging / SR)
+        if classifier is not None:
+            classifier.save_pretrained(staging / CLASSIFIER)
         vae.save_pretrained(staging / "vae")
         unet.save_pretrained(staging / "unet")
         if isinstance(text_encoder, HFClipTextEncoder):

@@ -5,6 +5,7 @@
     run_dir/clip/final           open_clip text encoder (when trained here)
     run_dir/unet/final           UNet2DConditionModel
     run_dir/sr/final             the cascade's super-resolution stage (t2i.pipeline.upscaler)
+    run_dir/classifier/final     the noise-aware classifier of classifier guidance (t2i.models.classifier)
     run_dir/finetune/final       the fine-tuned pipeline (pipeline/) and its LoRA adapters (lora/, diffusers' layout)
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
@@ -34,12 +35,14 @@ from t2i.config import RunConfig
 from t2i.config_io import to_dict
 from t2i.data.build import build_datasets
 from t2i.data.image_captions import ImageCaptionDataset
+from t2i.data.labels import SHAPES_LABELS, LabelledDataset, scene_labels
 from t2i.data.latents import cached_latents
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
 from t2i.diffusion.super_resolution import residual_scale
 from t2i.diffusion.vlb import LEARNED_RANGE
 from t2i.errors import T2IError
+from t2i.models.classifier import NoisyLatentClassifier, build_classifier
 from t2i.models.sr_unet import build_sr_unet
 from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text_encoder
 from t2i.models.unet import build_unet
@@ -52,6 +55,7 @@ from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
+from t2i.training.stages.classifier import ClassifierStage
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
 from t2i.training.stages.finetune import FinetuneStage
@@ -61,6 +65,7 @@ from t2i.training.stages.vae import VAEStage
 
 PREVIEW_PROMPTS = 8
 RESIDUAL_SAMPLE_SIZE = 1024  # images the SR stage's residual scale is measured on
+CLASSIFIER_PREVIEW_SIZE = 256  # held-out single-object scenes (data.seed + 1) the classifier's accuracy is logged on
 
 
 def load_vae(run_dir: Path) -> AutoencoderKL:
@@ -240,6 +245,29 @@ def _sr_stage(inputs: StageInputs):
     return stage, high_data
 
 
+def _classifier_stage(inputs: StageInputs):
+    """The noise-aware classifier, on the U-Net's latents of the shapes data, labelled by their scenes."""
+    config = inputs.config
+    vae = load_vae(inputs.run_dir)
+    latent_size = config.data.resolution // config.vae.latent_factor
+    classifier = build_classifier(config.classifier, SHAPES_LABELS, vae.config.latent_channels, latent_size)
+    held_out = ShapesDataset(CLASSIFIER_PREVIEW_SIZE, config.data.resolution, config.data.seed + 1,
+                             config.data.held_out_pairs, two_object_fraction=0.0)
+    preview = {"pixel_values": torch.stack([held_out[i]["pixel_values"] for i in range(len(held_out))]),
+               "labels": scene_labels(held_out.scenes)}
+    stage = ClassifierStage(classifier, vae, pipeline_scheduler_config(config), preview, inputs.device)
+    dataset = inputs.dataset
+    labels = scene_labels(dataset.scenes)  # the config admits only the shapes data to this stage
+    return stage, LabelledDataset(_latents_or_images(config, stage.vae, dataset), labels)
+
+
+def load_classifier(run_dir: Path) -> NoisyLatentClassifier:
+    folder = run_dir / "classifier" / FINAL
+    if not folder.is_dir():
+        raise T2IError(f"no trained classifier at '{folder}': add 'classifier' to stages, or train it first")
+    return NoisyLatentClassifier.from_pretrained(folder)
+
+
 def sr_resolution(config: RunConfig) -> int:
     return config.data.resolution * config.sr.factor
 
@@ -253,7 +281,8 @@ def sr_defaults(config: RunConfig) -> dict:
 
 # Stage name -> builder of (stage, the data it trains on); a new stage is one builder and one line here.
 STAGES: dict[str, Callable[[StageInputs], tuple]] = {
-    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "sr": _sr_stage, "finetune": _finetune_stage}
+    "vae": _vae_stage, "clip": _clip_stage, "unet": _unet_stage, "sr": _sr_stage, "finetune": _finetune_stage,
+    "classifier": _classifier_stage}
 
 
 def _prepared_data(config: RunConfig, stage: UNetStage, dataset: Dataset) -> Dataset:
@@ -330,6 +359,7 @@ def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
         defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                   "sampler": sampling.sampler},
         sr=load_sr(config, run_dir) if "sr" in config.stages else None,
+        classifier=load_classifier(run_dir) if "classifier" in config.stages else None,
     )
     pipe.save_pretrained(run_dir / "pipeline")
     return run_dir / "pipeline"

@@ -21,6 +21,18 @@ from t2i.pipeline import Text2ImagePipeline
 from t2i.training.randomness import BatchRandomness
 
 
+@torch.no_grad()
+def sample_latents(vae: AutoencoderKL, batch: dict, rng: BatchRandomness) -> torch.Tensor:
+    """Scaled latents: sampled from cached posterior moments, or encoded from pixels on the fly."""
+    if "latent_mean" in batch:
+        mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+        posterior = vae.encode(batch["pixel_values"]).latent_dist
+        mean, std = posterior.mean, posterior.std
+    noise = rng.randn(mean.shape, dtype=mean.dtype, device=mean.device)
+    return (mean + std * noise) * vae.config.scaling_factor
+
+
 def drop_captions(captions: list[str], probability: float, rng: BatchRandomness) -> list[str]:
     """Replace each caption by the empty prompt with `probability` (the unconditional model of CFG)."""
     dropped = rng.rand(len(captions)) < probability
@@ -51,16 +63,8 @@ class UNetStage:
         self.learned_variance = predicts_variance(scheduler_config)
         self.exact_alpha_bar = scheduler_alphas_cumprod(scheduler_config).to(device) if self.learned_variance else None
 
-    @torch.no_grad()
     def _latents(self, batch: dict, rng: BatchRandomness) -> torch.Tensor:
-        """Scaled latents: sampled from cached posterior moments, or encoded from pixels on the fly."""
-        if "latent_mean" in batch:
-            mean, std = batch["latent_mean"], batch["latent_std"]
-        else:
-            posterior = self.vae.encode(batch["pixel_values"]).latent_dist
-            mean, std = posterior.mean, posterior.std
-        noise = rng.randn(mean.shape, dtype=mean.dtype, device=mean.device)
-        return (mean + std * noise) * self.vae.config.scaling_factor
+        return sample_latents(self.vae, batch, rng)
 
     def cache_text_states(self, captions: list[str], cache_dir: Path | None) -> None:
         """Encode every distinct caption (and the empty prompt) once, instead of at every step."""
