@@ -107,6 +107,17 @@ def test_train_then_resume(tmp_path, capsys):
     assert "already trained" in capsys.readouterr().out
 
 
+def test_demo_cascade_trains_sr_and_reports_it(tmp_path, capsys):
+    out = tmp_path / "cascade"
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--config", str(TINY_CONFIG), "--cascade",
+                 "--set", "train.unet.sample_every=0", "--set", "train.sr.steps=2", "--set", "train.sr.sample_every=0",
+                 "--set", "sampling.samples_per_prompt=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "cascade (SR stage, 32 -> 64 px)" in printed and "PSNR over bicubic" in printed
+    assert (out / "pipeline" / "sr" / "sr.json").is_file()
+    assert Image.open(out / "grid_upscaled.png").height > Image.open(out / "grid.png").height
+
+
 def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu", "--config", str(TINY_CONFIG),
