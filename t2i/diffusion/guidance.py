@@ -23,6 +23,14 @@ def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, factor: float) ->
     return factor * rescaled + (1 - factor) * guided
 
 
+def guide_batched(output: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+    """Classifier-free guidance of one batched forward's output [unconditional; conditional] (2B, ...) -> (B, ...),
+    with guidance rescale by φ = `rescale` when it is not 0."""
+    uncond, cond = output.chunk(2)
+    guided = classifier_free_guidance(uncond, cond, scale)
+    return rescale_guidance(guided, cond, rescale) if rescale else guided
+
+
 def dynamic_threshold(x0: torch.Tensor, percentile: float = DEFAULT_THRESHOLD_PERCENTILE,
                       max_value: float = 1.0) -> torch.Tensor:
     """Dynamic thresholding (Imagen, Saharia et al. 2022, §2.3): s = max(percentile of |x̂_0| per item, max_value);

@@ -9,11 +9,7 @@ from __future__ import annotations
 import torch
 from diffusers import EulerDiscreteScheduler
 
-from t2i.diffusion.guidance import (
-    classifier_free_guidance,
-    dynamic_threshold,
-    rescale_guidance,
-)
+from t2i.diffusion.guidance import dynamic_threshold, guide_batched
 from t2i.diffusion.parameterization import x0_from_prediction
 from t2i.diffusion.schedules import (
     ZERO_SNR_ALPHA_BAR,
@@ -55,10 +51,7 @@ def unet_denoiser(unet, context: torch.Tensor, guidance: float, scheduler_config
         if learned_variance:
             output = split_variance(output)[0]
         if use_guidance:
-            uncond, cond = output.chunk(2)
-            output = classifier_free_guidance(uncond, cond, guidance)
-            if guidance_rescale:
-                output = rescale_guidance(output, cond, guidance_rescale)
+            output = guide_batched(output, guidance, guidance_rescale)
         if guide is not None:
             output = guide(xt, timestep, output, alpha_bar)
         x0 = x0_from_prediction(prediction, xt, output, alpha_bar)

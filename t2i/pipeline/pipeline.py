@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
-from t2i.diffusion.guidance import classifier_free_guidance, rescale_guidance
+from t2i.diffusion.guidance import guide_batched
 from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler
 from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.errors import T2IError
@@ -289,10 +289,7 @@ class Text2ImagePipeline:
             if learned_variance:  # guidance acts on the prediction half alone
                 prediction, variance = split_variance(prediction)
             if use_guidance:
-                uncond, cond = prediction.chunk(2)
-                prediction = classifier_free_guidance(uncond, cond, guidance)
-                if guidance_rescale:
-                    prediction = rescale_guidance(prediction, cond, guidance_rescale)
+                prediction = guide_batched(prediction, guidance, guidance_rescale)
             if guide is not None:
                 prediction = guide(scheduler.scale_model_input(latents, t), t, prediction, None)
             if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
