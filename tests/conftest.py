@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs, tiny random pipelines and one tiny trained run, all built locally."""
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,23 @@ def save_tiny_sd_pipeline(folder: Path, safe_serialization: bool = True) -> Path
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=safe_serialization)
     return folder
+
+
+@contextmanager
+def killed_at_loss_call(stage_class: type, call: int):
+    """Inside the block, `stage_class.loss` raises KeyboardInterrupt at its `call`-th call, as a kill mid-step would
+    leave a run; the block must end by that interrupt. The real loss is back afterwards, for the resume."""
+    real_loss, calls = stage_class.loss, [0]
+
+    def crashing_loss(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise KeyboardInterrupt
+        return real_loss(self, *args, **kwargs)
+
+    stage_class.loss = crashing_loss
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        stage_class.loss = real_loss

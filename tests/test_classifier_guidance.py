@@ -29,7 +29,7 @@ from t2i.training.checkpoint import latest_checkpoint
 from t2i.training.run import run_training
 from t2i.training.stages.classifier import ClassifierStage, _head_loss
 
-from conftest import TINY_CONFIG, build_tiny_pipeline, tiny_config
+from conftest import TINY_CONFIG, build_tiny_pipeline, killed_at_loss_call, tiny_config
 
 PROMPTS = ["a large red circle", "a small blue square on the left"]
 
@@ -212,7 +212,7 @@ def _copy_base_stages(trained_run, run_dir):
         shutil.copytree(trained_run / stage / "final", run_dir / stage / "final")
 
 
-def test_the_classifier_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path, monkeypatch):
+def test_the_classifier_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path):
     """Stop stage classifier inside step 3, after its step-2 checkpoint; resume; compare with an uninterrupted run."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     stages = "stages=[vae,clip,unet,classifier]"
@@ -225,19 +225,9 @@ def test_the_classifier_stage_trains_into_the_pipeline_and_resumes_exactly(train
     assert "colour_accuracy" in metrics and "shape_accuracy_t" in metrics
     pipe(PROMPTS, classifier_guidance=5.0, seed=0)
 
-    real_loss, calls = ClassifierStage.loss, {"n": 0}
-
-    def crashing_loss(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *args)
-
-    monkeypatch.setattr(ClassifierStage, "loss", crashing_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_loss_call(ClassifierStage, 3):
         run_training(tiny_config(resumed, stages), resume=True)
     assert latest_checkpoint(resumed / "classifier").name == "step_0000002"
-    monkeypatch.setattr(ClassifierStage, "loss", real_loss)
     run_training(tiny_config(resumed, stages), resume=True)
     for name in ("final/diffusion_pytorch_model.safetensors", "checkpoints/step_0000004/ema.safetensors"):
         ours, theirs = load_file(resumed / "classifier" / name), load_file(full / "classifier" / name)

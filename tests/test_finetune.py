@@ -18,7 +18,7 @@ from t2i.errors import T2IError
 from t2i.training.run import run_training
 from t2i.training.stages.finetune import FinetuneStage
 
-from conftest import REPO
+from conftest import REPO, killed_at_loss_call
 from data_fixtures import clean_folder, planted_folder, write_shards
 
 FINETUNED = "finetune/final/pipeline/unet/diffusion_pytorch_model.safetensors"
@@ -63,7 +63,7 @@ def test_too_many_bad_files_stop_the_run_before_training(trained_run, tmp_path, 
 
 
 @pytest.mark.parametrize("lora_rank, text_encoder", [(0, False), (2, False), (2, True)])
-def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, monkeypatch, lora_rank,
+def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tmp_path, lora_rank,
                                                                  text_encoder):
     data = clean_folder(tmp_path / "data", count=24).root
     settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
@@ -73,19 +73,8 @@ def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tm
     config = lambda run: load_config(PACKAGED_CONFIGS / "finetune.yaml", [*settings, f"run_dir={run}"])  # noqa: E731
     run_training(config(tmp_path / "uninterrupted"))
 
-    real_loss = FinetuneStage.loss
-    calls = {"n": 0}
-
-    def crashing_loss(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside step 5, after the step-3 checkpoint: as a kill -9 would leave it
-            raise KeyboardInterrupt
-        return real_loss(self, *args, **kwargs)
-
-    monkeypatch.setattr(FinetuneStage, "loss", crashing_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_loss_call(FinetuneStage, 5):  # inside step 5, after the step-3 checkpoint
         run_training(config(tmp_path / "crashed"))
-    monkeypatch.setattr(FinetuneStage, "loss", real_loss)
     run_training(config(tmp_path / "crashed"), resume=True)
     for weights in (FINETUNED, FINETUNED_TEXT_ENCODER):
         resumed, uninterrupted = (load_file(tmp_path / run / weights) for run in ("crashed", "uninterrupted"))

@@ -33,7 +33,7 @@ from t2i.training.loop import FINAL
 from t2i.training.run import run_training
 from t2i.training.stages.unet import UNetStage
 
-from conftest import TINY_CONFIG, build_tiny_pipeline, tiny_config
+from conftest import TINY_CONFIG, build_tiny_pipeline, killed_at_loss_call, tiny_config
 
 # A three-step schedule whose posterior is worked out by hand below.
 ALPHA_BAR = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
@@ -195,7 +195,7 @@ def test_config_checks_name_the_key(tmp_path):
         tiny_config(tmp_path, "stages=[finetune]", "finetune.model=x", "diffusion.learned_variance=true")
 
 
-def test_training_with_learned_variance_runs_and_resumes_exactly(trained_run, tmp_path, monkeypatch):
+def test_training_with_learned_variance_runs_and_resumes_exactly(trained_run, tmp_path):
     """Only the U-Net trains (the tiny run's VAE and CLIP are reused); a run killed after its step-3 checkpoint
     and resumed ends with the uninterrupted run's weights; the pipeline records `learned_range`."""
     def reuse_encoders(run_dir):
@@ -212,18 +212,8 @@ def test_training_with_learned_variance_runs_and_resumes_exactly(trained_run, tm
     assert all(math.isfinite(record["vlb_bits_per_dim"]) for record in logged if "loss" in record)
 
     interrupted = reuse_encoders(tmp_path / "interrupted")
-    real_loss, calls = UNetStage.loss, {"n": 0}
-
-    def crashing_loss(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside step 5, after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return real_loss(self, *args)
-
-    monkeypatch.setattr(UNetStage, "loss", crashing_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_loss_call(UNetStage, 5):  # inside step 5, after the step-3 checkpoint
         run_training(interrupted, resume=True)
-    monkeypatch.setattr(UNetStage, "loss", real_loss)
     run_training(interrupted, resume=True)
     for name in (f"{FINAL}/diffusion_pytorch_model.safetensors", "checkpoints/step_0000006/ema.safetensors"):
         resumed = load_file(tmp_path / "interrupted" / "unet" / name)

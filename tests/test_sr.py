@@ -29,7 +29,7 @@ from t2i.training.randomness import BatchRandomness
 from t2i.training.run import run_training
 from t2i.training.stages.sr import SRStage
 
-from conftest import TINY_CONFIG, build_tiny_pipeline, tiny_config
+from conftest import TINY_CONFIG, build_tiny_pipeline, killed_at_loss_call, tiny_config
 
 PROMPTS = ["a large red circle", "a small blue square on the left"]
 
@@ -178,7 +178,7 @@ def _copy_base_stages(trained_run, run_dir):
         shutil.copytree(trained_run / stage / "final", run_dir / stage / "final")
 
 
-def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path, monkeypatch):
+def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path):
     """Stop stage sr inside step 3, after its step-2 checkpoint; resume; compare with an uninterrupted run."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for run_dir in (full, resumed):
@@ -189,19 +189,9 @@ def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, 
     records = [json.loads(line) for line in (full / "sr" / "metrics.jsonl").read_text().splitlines()]
     assert any("psnr" in record and "psnr_bicubic" in record for record in records)
 
-    real_loss, calls = SRStage.loss, {"n": 0}
-
-    def crashing_loss(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(self, *args)
-
-    monkeypatch.setattr(SRStage, "loss", crashing_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_loss_call(SRStage, 3):
         run_training(tiny_config(resumed, "stages=[vae,clip,unet,sr]"), resume=True)
     assert latest_checkpoint(resumed / "sr").name == "step_0000002"
-    monkeypatch.setattr(SRStage, "loss", real_loss)
     run_training(tiny_config(resumed, "stages=[vae,clip,unet,sr]"), resume=True)
     for name in ("final/unet/diffusion_pytorch_model.safetensors", "checkpoints/step_0000004/ema.safetensors"):
         ours, theirs = load_file(resumed / "sr" / name), load_file(full / "sr" / name)

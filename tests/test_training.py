@@ -14,7 +14,7 @@ from t2i.training.run import run_training
 from t2i.training.randomness import BatchRandomness
 from t2i.training.stages.unet import UNetStage, drop_captions
 
-from conftest import tiny_config
+from conftest import killed_at_loss_call, tiny_config
 
 
 def test_a_run_trains_every_stage_and_saves_the_pipeline(trained_run):
@@ -49,23 +49,12 @@ def test_half_written_checkpoints_are_ignored(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000002"
 
 
-def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path, monkeypatch):
+def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path):
     """Stop the unet stage after its step-3 checkpoint (as a kill would), resume, compare with the full run."""
     config = tiny_config(tmp_path / "run")
-    real_loss = UNetStage.loss
-    calls = {"n": 0}
-
-    def crashing_loss(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 5:  # inside step 5, after the step-3 checkpoint
-            raise KeyboardInterrupt
-        return real_loss(self, *args)
-
-    monkeypatch.setattr(UNetStage, "loss", crashing_loss)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_at_loss_call(UNetStage, 5):  # inside step 5, after the step-3 checkpoint
         run_training(config)
     assert latest_checkpoint(tmp_path / "run" / "unet").name == "step_0000003"
-    monkeypatch.setattr(UNetStage, "loss", real_loss)
     run_training(config, resume=True)
 
     metrics = (tmp_path / "run" / "unet" / "metrics.jsonl").read_text().splitlines()
