@@ -131,6 +131,33 @@ def timed_block(step, steps: int, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def unet_training_flops(unet, latent_size: int, text_width: int) -> float:
+    """Floating-point operations of one sample's U-Net forward and backward (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = unet.device
+    latents = torch.randn(1, unet.config.in_channels, latent_size, latent_size, device=device)
+    states = torch.randn(1, 77, text_width, device=device)
+    with FlopCounterMode(display=False) as counter, torch.autocast(device.type, torch.bfloat16):
+        unet(latents, torch.tensor([500], device=device), states).sample.float().square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(size: int = 8192, repeats: int = 20) -> float:
+    """This GPU's bf16 matrix-product rate on random data, FLOP/s: the denominator of MFU."""
+    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (start.elapsed_time(end) / 1000)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -163,6 +190,11 @@ def main(argv=None) -> None:
           f"threads; t2i mixed precision: {precision}")
     print(f"training samples/s: diffusers {rate['diffusers']:.1f}, t2i {rate['t2i']:.1f}, "
           f"t2i/diffusers {rate['t2i'] / rate['diffusers']:.2f}×")
+    if device.type == "cuda":
+        flops, peak = unet_training_flops(unets[0], resolution // 8, hf_text.config.hidden_size), matmul_peak()
+        print(f"U-Net forward + backward: {flops / 1e12:.3f} TFLOP per sample; bf16 matmul peak measured "
+              f"{peak / 1e12:.0f} TFLOP/s; MFU diffusers {rate['diffusers'] * flops / peak:.1%}, "
+              f"t2i {rate['t2i'] * flops / peak:.1%}")
 
 
 def demo_step(args: argparse.Namespace, device: torch.device) -> None:

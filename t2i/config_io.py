@@ -51,6 +51,9 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return from_dict(hint, value, path)
     if origin is Literal:
         choices = get_args(hint)
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/off/yes/on as a bool: take back the word meant
+            spellings = ("yes", "on", "true") if value else ("no", "off", "false")
+            value = next((choice for choice in choices if choice in spellings), value)
         if value not in choices:
             raise ConfigError(f"'{path}' must be one of {', '.join(map(repr, choices))}; got {value!r}")
         return value

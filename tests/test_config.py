@@ -26,6 +26,15 @@ def test_overrides_are_typed():
     assert config.train.unet.ema_decay is None
 
 
+def test_bare_no_is_the_word_no_where_a_choice_is_spelled_so():
+    """YAML 1.1 reads a bare `no` as false; `mixed_precision=no` means the choice 'no', and a bool is still refused
+    where no choice is spelled like it."""
+    config = load_config(REPO / "configs" / "tiny.yaml", ["train.unet.mixed_precision=no"])
+    assert config.train.unet.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="'diffusion.schedule' must be one of .*; got True"):
+        load_config(REPO / "configs" / "tiny.yaml", ["diffusion.schedule=yes"])
+
+
 def test_exponent_numbers_without_a_dot_are_numbers():
     """YAML 1.1 reads 1e-4 as a string; a float field takes it as the number it means, a bad string still fails."""
     config = load_config(REPO / "configs" / "tiny.yaml",

@@ -34,13 +34,18 @@ def fp32_images():
 def test_bad_speed_options_are_clear_errors():
     with pytest.raises(T2IError, match="compile must be one of"):
         SpeedOptions(compile="fast")
-    with pytest.raises(T2IError, match="cuda_graphs replays compiled code"):
+    with pytest.raises(T2IError, match="cuda_graphs must be one of auto, on, off"):
         SpeedOptions(cuda_graphs=True)
     with pytest.raises(T2IError, match="dtype must be one of auto, fp32, bf16"):
         SpeedOptions(dtype="fp8")
     pipe = build_tiny_pipeline().to("cpu", torch.float32)
     with pytest.raises(T2IError, match="cuda_graphs needs a CUDA device"):
-        apply_speed_options(pipe.unet, pipe.vae, SpeedOptions(compile="full", cuda_graphs=True), pipe.device)
+        apply_speed_options(pipe.unet, pipe.vae, SpeedOptions(cuda_graphs="on"), pipe.device)
+
+
+def test_cuda_graphs_are_left_off_on_the_cpu_by_default():
+    pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32"))
+    assert "forward" not in vars(pipe.unet)  # the U-Net's own forward, not a graph replay
 
 
 def test_bf16_networks_keep_latents_and_sampler_in_fp32(fp32_images):

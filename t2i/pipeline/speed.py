@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from t2i.errors import T2IError
+from t2i.models.cuda_graph import replay_as_cuda_graphs
 from t2i.models.padded_attention import pad_cross_attention
 from t2i.precision import bf16_is_fast
 
@@ -33,7 +34,8 @@ class SpeedOptions:
     `channels_last`: NHWC activations: oneDNN's fp32 convolutions run up to 2x faster on them, but in bf16 the
     GroupNorms (kept fp32) run 4x slower, so it is off by default (docs/performance.md).
     `fuse_qkv`: one projection for query, key and value (key and value in cross-attention).
-    `cuda_graphs`: on CUDA, replay the compiled U-Net as CUDA graphs (fixed shapes; needs compile).
+    `cuda_graphs`: replay the U-Net's forward as one captured CUDA graph per shape (t2i.models.cuda_graph), so that
+    launch-bound batches (batch 1 on a large GPU) stop waiting on the CPU; "auto": on CUDA devices.
     `pad_cross_attention`: pad the text's 77 keys to 80 and mask the padding (t2i.models.padded_attention), for
     torch's CPU flash attention, which is 2x slower at key lengths off its block; "auto": on CPUs only."""
 
@@ -41,7 +43,7 @@ class SpeedOptions:
     compile: Compile = "off"
     channels_last: bool = False
     fuse_qkv: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
     pad_cross_attention: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self):
@@ -49,11 +51,11 @@ class SpeedOptions:
             raise T2IError(f"dtype must be one of {', '.join(NETWORK_DTYPES)}; got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
             raise T2IError(f"compile must be one of {', '.join(COMPILE_MODES)}; got {self.compile!r}")
+        if self.cuda_graphs not in SWITCH_VALUES:
+            raise T2IError(f"cuda_graphs must be one of {', '.join(SWITCH_VALUES)}; got {self.cuda_graphs!r}")
         if self.pad_cross_attention not in SWITCH_VALUES:
             raise T2IError(f"pad_cross_attention must be one of {', '.join(SWITCH_VALUES)}; "
                            f"got {self.pad_cross_attention!r}")
-        if self.cuda_graphs and self.compile == "off":
-            raise T2IError("cuda_graphs replays compiled code: set compile to 'blocks' or 'full' as well")
 
 
 def network_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -73,8 +75,9 @@ def compile_cache_dir() -> Path:
 def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: SpeedOptions,
                         device: torch.device) -> None:
     """Set up `unet` and `vae` (in place) to run as `options` say; call after moving them to their device."""
-    if options.cuda_graphs and device.type != "cuda":
+    if options.cuda_graphs == "on" and device.type != "cuda":
         raise T2IError("cuda_graphs needs a CUDA device")
+    cuda_graphs = options.cuda_graphs == "on" or (options.cuda_graphs == "auto" and device.type == "cuda")
     if options.fuse_qkv:
         unet.fuse_qkv_projections()
     if options.pad_cross_attention == "on" or (options.pad_cross_attention == "auto" and device.type == "cpu"):
@@ -82,25 +85,26 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
     if options.channels_last:
         unet.to(memory_format=torch.channels_last)
         vae.to(memory_format=torch.channels_last)
-    if options.compile == "off":
-        return
-    compile_cache_dir()
-    compile_options = _inductor_options(device, options)
-    if options.compile == "full":
-        unet.compile(fullgraph=True, options=compile_options)
-        vae.decoder.compile(options=compile_options)
-        return
-    for module in (*_blocks(unet), *_blocks(vae.decoder)):
-        module.compile(options=compile_options)
-
-
-def _inductor_options(device: torch.device, options: SpeedOptions) -> dict:
-    # Freezing folds the (inference-only) weights into the graph as constants, which lets Inductor pre-pack
-    # them for oneDNN's convolutions and matmuls on the CPU.
-    settings = {"freezing": True} if device.type == "cpu" else {}
-    if options.cuda_graphs:
-        settings["triton.cudagraphs"] = True
-    return settings
+    unet_forward = unet.forward
+    if options.compile != "off":
+        compile_cache_dir()
+        # Freezing folds the (inference-only) weights into the graph as constants, which lets Inductor pre-pack
+        # them for oneDNN's convolutions and matmuls on the CPU.
+        compile_options = {"freezing": True} if device.type == "cpu" else {}
+        if options.compile == "full" and cuda_graphs:  # the graphs capture the compiled forward
+            unet_forward = torch.compile(unet.forward, fullgraph=True, options=compile_options)
+        elif options.compile == "full":
+            unet.compile(fullgraph=True, options=compile_options)
+        else:
+            for module in _blocks(unet):
+                module.compile(options=compile_options)
+        if options.compile == "full":
+            vae.decoder.compile(options=compile_options)
+        else:
+            for module in _blocks(vae.decoder):
+                module.compile(options=compile_options)
+    if cuda_graphs:
+        replay_as_cuda_graphs(unet, unet_forward)
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

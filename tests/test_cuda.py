@@ -1,0 +1,76 @@
+"""The GPU paths: sampling in bf16, the fast switches, training with bf16 autocast and the demo command.
+
+Skipped where PyTorch sees no CUDA GPU (CI); run on a lent GPU with `python -m pytest tests/test_cuda.py`."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import build_tiny_pipeline, tiny_config
+from t2i import Text2ImagePipeline
+from t2i.pipeline.speed import SpeedOptions
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = ["a large red circle", "a small blue square on the left"]
+
+
+def sample(pipe) -> np.ndarray:
+    images = pipe(PROMPTS, num_inference_steps=6, guidance_scale=4.0, seed=3, sampler="dpmpp_2m")
+    return np.stack([np.asarray(image) for image in images]).astype(int)
+
+
+@pytest.fixture(scope="module")
+def cpu_images() -> np.ndarray:
+    return sample(build_tiny_pipeline().to("cpu", torch.float32))
+
+
+def test_cuda_pipeline_loads_in_bf16_and_matches_the_cpu(cpu_images):
+    pipe = build_tiny_pipeline().to("cuda")
+    assert pipe.dtype == torch.bfloat16 and pipe.unet.device.type == "cuda"
+    difference = np.abs(sample(pipe) - cpu_images)
+    assert difference.max() <= 8 and difference.mean() < 1.0  # the CPU's bf16 tolerance (test_speed.py)
+
+
+def test_cuda_fp32_matches_the_cpu(cpu_images):
+    pipe = build_tiny_pipeline().to("cuda", torch.float32)
+    assert np.abs(sample(pipe) - cpu_images).max() <= 2  # cuDNN's TF32 convolutions round a little
+
+
+@pytest.mark.parametrize("options", [SpeedOptions(compile="blocks", cuda_graphs="off"), SpeedOptions(cuda_graphs="on"),
+                                     SpeedOptions(compile="blocks", cuda_graphs="on"),
+                                     SpeedOptions(compile="full", cuda_graphs="on"),
+                                     SpeedOptions(fuse_qkv=True, channels_last=True, cuda_graphs="off")],
+                         ids=["compile-blocks", "cuda-graphs", "compile-blocks-cuda-graphs", "compile-full-cuda-graphs",
+                              "fuse-qkv-channels-last"])
+def test_cuda_fast_switches_give_the_plain_images(options):
+    plain = sample(build_tiny_pipeline().to("cuda").speed_up(SpeedOptions(cuda_graphs="off")))
+    fast = build_tiny_pipeline().to("cuda").speed_up(options)
+    first, second = sample(fast), sample(fast)  # the second call replays what the first compiled or captured
+    difference = np.abs(first - plain)
+    assert difference.max() <= 8 and difference.mean() < 1.0 and np.array_equal(first, second)
+
+
+def test_cuda_training_runs_every_stage_in_bf16(tmp_path):
+    from t2i.training.run import run_training
+
+    run_dir = tmp_path / "run"
+    run_training(tiny_config(run_dir, "device=cuda", "train.unet.mixed_precision=bf16"))
+
+    pipe = Text2ImagePipeline.from_pretrained(run_dir / "pipeline", device="cuda")
+    images = pipe(PROMPTS, num_inference_steps=4, seed=0)
+    assert len(images) == 2 and all(np.isfinite(np.asarray(image, dtype=float)).all() for image in images)
+
+
+def test_cuda_compiled_training_step_matches_eager(tmp_path):
+    from t2i.training.run import run_training
+
+    losses = {}
+    for compiled in (False, True):
+        run_dir = tmp_path / f"compiled-{compiled}"
+        run_training(tiny_config(run_dir, "device=cuda", "train.unet.mixed_precision=no",
+                                 f"train.unet.compile={str(compiled).lower()}"))
+        lines = (run_dir / "unet" / "metrics.jsonl").read_text().splitlines()
+        losses[compiled] = [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+    assert losses[True] and np.allclose(losses[True], losses[False], rtol=2e-2)
