@@ -74,3 +74,15 @@ def test_cuda_compiled_training_step_matches_eager(tmp_path):
         lines = (run_dir / "unet" / "metrics.jsonl").read_text().splitlines()
         losses[compiled] = [record["loss"] for record in map(json.loads, lines) if "loss" in record]
     assert losses[True] and np.allclose(losses[True], losses[False], rtol=2e-2)
+
+
+def test_cuda_graphed_unet_runs_its_own_forward_when_gradients_are_needed():
+    pipe = build_tiny_pipeline().to("cuda").speed_up(SpeedOptions(cuda_graphs="on"))
+    unet = pipe.unet
+    latents = torch.randn(1, unet.config.in_channels, 8, 8, device="cuda", dtype=pipe.dtype, requires_grad=True)
+    context = pipe.encode_prompts(["a red circle"]).clone()  # a plain tensor, usable where autograd records
+    output = unet(latents, torch.tensor(10, device="cuda"), encoder_hidden_states=context).sample
+    assert output.grad_fn is not None and not unet.forward.graphs  # no graph captured, gradients flow
+    with torch.inference_mode():
+        unet(latents.detach(), torch.tensor(10, device="cuda"), encoder_hidden_states=context)
+    assert len(unet.forward.graphs) == 1

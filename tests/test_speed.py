@@ -225,3 +225,4 @@ def _with(train_config, **changes):
     from dataclasses import replace
 
     return replace(copy.deepcopy(train_config), **changes)
+

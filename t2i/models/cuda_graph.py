@@ -30,9 +30,9 @@ class GraphedForward:
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  return_dict: bool = True, **kwargs):
-        if kwargs and any(value is not None for value in kwargs.values()) or not torch.is_tensor(timestep):
-            return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
         inputs = (sample, timestep, encoder_hidden_states)
+        if not self.replayable(inputs, kwargs):
+            return self.forward(sample, timestep, encoder_hidden_states, return_dict=return_dict, **kwargs)
         key = tuple((t.shape, t.dtype) for t in inputs) + (torch.is_inference_mode_enabled(),)
         captured = self.graphs.get(key) or self._capture(key, inputs)
         for static, given in zip(captured.inputs, inputs):
@@ -40,6 +40,13 @@ class GraphedForward:
         captured.graph.replay()
         output = captured.output.clone()  # the next replay overwrites the static output
         return self.output_class(sample=output) if return_dict else (output,)
+
+    @staticmethod
+    def replayable(inputs: tuple, kwargs: dict) -> bool:
+        """A replay has no autograd history and reads only what was on the device when captured: so only
+        gradient-free calls on CUDA tensors, with no extra conditioning, are replayed."""
+        return (not torch.is_grad_enabled() and not any(value is not None for value in kwargs.values())
+                and all(torch.is_tensor(t) and t.is_cuda for t in inputs))
 
     def _capture(self, key: tuple, inputs: tuple[torch.Tensor, ...]) -> _Captured:
         static = tuple(t.clone() for t in inputs)
