@@ -131,6 +131,13 @@ def timed_block(step, steps: int, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def process_peak_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def unet_training_flops(unet, latent_size: int, text_width: int) -> float:
     """Floating-point operations of one sample's U-Net forward and backward (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -182,14 +189,24 @@ def main(argv=None) -> None:
         for step in steps.values():  # warm-up
             step()
         seconds = {name: 0.0 for name in steps}
+        peak_mib = {name: 0.0 for name in steps}
         for _ in range(args.blocks):
             for name, step in steps.items():
+                if device.type == "cuda":  # each path's own peak: what its step allocates on top of both models
+                    torch.cuda.reset_peak_memory_stats()
                 seconds[name] += timed_block(step, args.steps, device)
+                if device.type == "cuda":
+                    peak_mib[name] = max(peak_mib[name], torch.cuda.max_memory_allocated() / 2**20)
     rate = {name: args.batch * args.steps * args.blocks / s for name, s in seconds.items()}
     print(f"\nsize {args.size}, {resolution} px, batch {args.batch}, device {device}, {torch.get_num_threads()} "
           f"threads; t2i mixed precision: {precision}")
     print(f"training samples/s: diffusers {rate['diffusers']:.1f}, t2i {rate['t2i']:.1f}, "
           f"t2i/diffusers {rate['t2i'] / rate['diffusers']:.2f}×")
+    if device.type == "cuda":
+        print(f"peak GPU memory during the steps (both paths' models resident): diffusers {peak_mib['diffusers']:.0f} "
+              f"MiB, t2i {peak_mib['t2i']:.0f} MiB, t2i/diffusers {peak_mib['t2i'] / peak_mib['diffusers']:.2f}×")
+    else:  # one process runs both paths, so only the process's peak is known here
+        print(f"peak memory of the process (both paths): {process_peak_mib():.0f} MiB")
     if device.type == "cuda":
         flops, peak = unet_training_flops(unets[0], resolution // 8, hf_text.config.hidden_size), matmul_peak()
         print(f"U-Net forward + backward: {flops / 1e12:.3f} TFLOP per sample; bf16 matmul peak measured "
