@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import peak_memory_mb  # noqa: E402
 from bench_models import SIZES, build_pipeline_folder  # noqa: E402
 
 
@@ -131,13 +132,6 @@ def timed_block(step, steps: int, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def process_peak_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def unet_training_flops(unet, latent_size: int, text_width: int) -> float:
     """Floating-point operations of one sample's U-Net forward and backward (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -206,7 +200,7 @@ def main(argv=None) -> None:
         print(f"peak GPU memory during the steps (both paths' models resident): diffusers {peak_mib['diffusers']:.0f} "
               f"MiB, t2i {peak_mib['t2i']:.0f} MiB, t2i/diffusers {peak_mib['t2i'] / peak_mib['diffusers']:.2f}×")
     else:  # one process runs both paths, so only the process's peak is known here
-        print(f"peak memory of the process (both paths): {process_peak_mib():.0f} MiB")
+        print(f"peak memory of the process (both paths): {peak_memory_mb('cpu'):.0f} MiB")
     if device.type == "cuda":
         flops, peak = unet_training_flops(unets[0], resolution // 8, hf_text.config.hidden_size), matmul_peak()
         print(f"U-Net forward + backward: {flops / 1e12:.3f} TFLOP per sample; bf16 matmul peak measured "
