@@ -1,4 +1,5 @@
-"""The GPU paths: sampling in bf16, the fast switches, training with bf16 autocast and the demo command.
+"""The GPU paths: sampling in bf16 and fp32 against the CPU, the fast switches, CUDA graphs, and training in bf16
+autocast and with a compiled step.
 
 Skipped where PyTorch sees no CUDA GPU (CI); run on a lent GPU with `python -m pytest tests/test_cuda.py`."""
 import json
