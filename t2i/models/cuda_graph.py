@@ -26,7 +26,9 @@ class GraphedForward:
     forward: object  # the module's own bound forward
     output_class: type
     graphs: dict[tuple, _Captured] = field(default_factory=dict)
-    pool: tuple | None = None  # one memory pool shared by every captured shape
+    # One memory pool for every captured shape. A replay may overwrite another graph's static output, which is
+    # safe: each output is copied out right after its own replay, and the graphs never run concurrently.
+    pool: tuple | None = None
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  return_dict: bool = True, **kwargs):
