@@ -1,4 +1,5 @@
 """Shared fixtures: tiny configs, tiny random pipelines and one tiny trained run, all built locally."""
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +47,13 @@ def trained_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     run_training(tiny_config(run_dir))
     return run_dir
+
+
+def copy_base_stages(trained_run: Path, run_dir: Path) -> None:
+    """A new run folder holding `trained_run`'s finished VAE, CLIP and U-Net, for an extra stage to train on."""
+    run_dir.mkdir(parents=True)
+    for stage in ("vae", "clip", "unet"):
+        shutil.copytree(trained_run / stage / "final", run_dir / stage / "final")
 
 
 def save_tiny_sd_pipeline(folder: Path, safe_serialization: bool = True) -> Path:

@@ -1,7 +1,6 @@
 """Classifier guidance on tiny models: the guidance math against hand computations, the gradient of a hand-made
 classifier under inference mode, prompt labels, sampling (scale 0, every sampler family, with and without CFG),
 errors, save/load with classifier/, and stage classifier training into the pipeline and resuming exactly."""
-import shutil
 
 import numpy as np
 import pytest
@@ -29,7 +28,7 @@ from t2i.training.checkpoint import latest_checkpoint
 from t2i.training.run import run_training
 from t2i.training.stages.classifier import ClassifierStage, _head_loss
 
-from conftest import TINY_CONFIG, build_tiny_pipeline, killed_at_loss_call, tiny_config
+from conftest import TINY_CONFIG, build_tiny_pipeline, copy_base_stages, killed_at_loss_call, tiny_config
 
 PROMPTS = ["a large red circle", "a small blue square on the left"]
 
@@ -206,18 +205,12 @@ def test_scenes_are_labelled_by_their_single_object_and_unlabelled_items_add_not
     assert loss.item() == 0.0 and np.isnan(accuracy)
 
 
-def _copy_base_stages(trained_run, run_dir):
-    run_dir.mkdir(parents=True)
-    for stage in ("vae", "clip", "unet"):
-        shutil.copytree(trained_run / stage / "final", run_dir / stage / "final")
-
-
 def test_the_classifier_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path):
     """Stop stage classifier inside step 3, after its step-2 checkpoint; resume; compare with an uninterrupted run."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     stages = "stages=[vae,clip,unet,classifier]"
     for run_dir in (full, resumed):
-        _copy_base_stages(trained_run, run_dir)
+        copy_base_stages(trained_run, run_dir)
     run_training(tiny_config(full, stages), resume=True)
     pipe = Text2ImagePipeline.from_pretrained(full / "pipeline", device="cpu")
     assert pipe.classifier is not None and pipe.classifier.config.labels == SHAPES_LABELS

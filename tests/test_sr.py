@@ -2,7 +2,6 @@
 honoured, save/load with sr/, upscaling end to end (API and CLI), export, and exact resume."""
 import copy
 import json
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -29,7 +28,7 @@ from t2i.training.randomness import BatchRandomness
 from t2i.training.run import run_training
 from t2i.training.stages.sr import SRStage
 
-from conftest import TINY_CONFIG, build_tiny_pipeline, killed_at_loss_call, tiny_config
+from conftest import TINY_CONFIG, build_tiny_pipeline, copy_base_stages, killed_at_loss_call, tiny_config
 
 PROMPTS = ["a large red circle", "a small blue square on the left"]
 
@@ -172,17 +171,11 @@ def test_the_upscale_and_generate_commands(cascade, tmp_path, capsys):
     assert "cannot read image" in capsys.readouterr().err
 
 
-def _copy_base_stages(trained_run, run_dir):
-    run_dir.mkdir(parents=True)
-    for stage in ("vae", "clip", "unet"):
-        shutil.copytree(trained_run / stage / "final", run_dir / stage / "final")
-
-
 def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, tmp_path):
     """Stop stage sr inside step 3, after its step-2 checkpoint; resume; compare with an uninterrupted run."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     for run_dir in (full, resumed):
-        _copy_base_stages(trained_run, run_dir)
+        copy_base_stages(trained_run, run_dir)
     run_training(tiny_config(full, "stages=[vae,clip,unet,sr]"), resume=True)
     pipe = Text2ImagePipeline.from_pretrained(full / "pipeline", device="cpu")
     assert pipe.sr is not None and pipe.sr.defaults["noise_level"] == 20
