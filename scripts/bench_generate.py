@@ -104,6 +104,32 @@ def timed(name: str, pipe, count: int, args: argparse.Namespace) -> tuple[float,
     return time.perf_counter() - started, images
 
 
+def seconds(device: str, work) -> float:
+    """Wall time of `work()`, waiting for the device's queue before and after."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    work()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def t2i_parts(pipe, args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of each part of one t2i image (batch 1): the text encoder (prompt and negative prompt), the
+    denoising loop, the VAE decoder; so that the batch-1 time can be spent where it goes."""
+    size = pipe.default_size
+    parts: dict[str, list[float]] = {"text": [], "denoise": [], "decode": []}
+    for _ in range(args.repeats):
+        state = {}
+        parts["text"].append(seconds(args.device, lambda: state.update(
+            context=pipe.encode_prompts(PROMPTS[:1]), negative=pipe.encode_prompts([""]))))
+        parts["denoise"].append(seconds(args.device, lambda: state.update(latents=pipe.denoise(
+            state["context"], state["negative"], [0], args.steps, args.guidance, size, size, "dpmpp_2m"))))
+        parts["decode"].append(seconds(args.device, lambda: pipe.decode(state["latents"])))
+    return {name: float(np.median(times)) for name, times in parts.items()}
+
+
 def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -157,8 +183,10 @@ def main(argv=None) -> None:
                     times[name][count].append(seconds)
                     if count == args.batch:
                         images[name] = batch_images
+        parts = t2i_parts(pipes["t2i"], args)
     figures = {name: {"images_per_s": args.batch / float(np.median(times[name][args.batch])),
                       "s_per_image_b1": float(np.median(times[name][1]))} for name in pipes}
+    figures["t2i"]["parts_b1_s"] = parts
     del pipes
     worst = worst_differences(images, folder, args)
     if not args.no_cold:
@@ -208,6 +236,10 @@ def report(args: argparse.Namespace, figures: dict, worst: dict[str, int]) -> No
               f"{'':>13} |")
     else:
         print(f"| {'worst pixel difference':<28} | {'':>10} | {worst['t2i']:>6}/255 | {'':>13} |")
+    parts = figures["t2i"]["parts_b1_s"]
+    print(f"\nt2i's batch-1 image in parts: text encoder {parts['text'] * 1e3:.1f} ms (prompt and negative), "
+          f"denoising {parts['denoise'] * 1e3:.1f} ms ({parts['denoise'] * 1e3 / args.steps:.2f} ms per step), "
+          f"VAE decoder {parts['decode'] * 1e3:.1f} ms")
     speedup = figures["t2i"]["images_per_s"] / figures["diffusers"]["images_per_s"]
     print(f"\ntargets (CPU, small): t2i ≥ 2× diffusers' images/s: {speedup:.2f}× "
           f"{'met' if speedup >= 2 else 'NOT met'}; worst pixel difference ≤ 4/255: {worst['t2i']}/255 "

@@ -108,12 +108,22 @@ def test_padded_cross_attention_gives_the_plain_images_and_is_cpu_only_by_defaul
         SpeedOptions(pad_cross_attention="yes")
 
 
-def test_compiled_blocks_give_the_plain_images(fp32_images, tmp_path, monkeypatch):
+def test_compiled_blocks_give_the_plain_images_at_every_batch_size(fp32_images, tmp_path, monkeypatch):
+    """Each block shape, at each batch size, gets its own compiled graph: two batch sizes make more ResNet-block
+    shapes (14) than Dynamo's default recompile limit (8), past which blocks would silently run eagerly."""
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     pipe = build_tiny_pipeline().to("cpu", torch.float32).speed_up(SpeedOptions(dtype="fp32", compile="blocks"))
     compiled = [m for m in pipe.unet.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled, "no block of the U-Net was compiled"
+    frames_before = dict(counters["frames"])
     assert np.abs(sample(pipe) - fp32_images).max() <= 1
+    one = pixels(pipe(PROMPTS[:1], num_inference_steps=6, guidance_scale=4.0, seed=3))
+    assert np.abs(one - fp32_images[:1]).max() <= 1
+    new_frames = {key: counters["frames"][key] - frames_before.get(key, 0) for key in ("total", "ok")}
+    assert new_frames["total"] > 0 and new_frames["ok"] == new_frames["total"], \
+        f"some block frames were not compiled (fell back to eager): {new_frames}"
     assert any((tmp_path / "inductor").iterdir()), "Inductor wrote nothing to its on-disk cache"
 
 

@@ -22,6 +22,8 @@ Compile = Literal["off", "blocks", "full"]
 COMPILE_MODES: tuple[str, ...] = ("off", "blocks", "full")
 NETWORK_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16")
 SWITCH_VALUES: tuple[str, ...] = ("auto", "on", "off")
+# Graphs per compiled block kind: every block shape of SD-1.5's U-Net and VAE decoder at a few batch sizes.
+BLOCK_GRAPHS = 128
 # Where Inductor keeps compiled kernels between processes, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "t2i" / "inductor"
 
@@ -89,22 +91,33 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
     if options.compile != "off":
         compile_cache_dir()
         # Freezing folds the (inference-only) weights into the graph as constants, which lets Inductor pre-pack
-        # them for oneDNN's convolutions and matmuls on the CPU.
-        compile_options = {"freezing": True} if device.type == "cpu" else {}
+        # them for oneDNN's convolutions and matmuls on the CPU. Static shapes: one specialised graph per shape
+        # (a pipeline sees a few), not Dynamo's dynamic-shape graph from the second shape on.
+        settings = {"dynamic": False, "options": {"freezing": True} if device.type == "cpu" else {}}
         if options.compile == "full" and cuda_graphs:  # the graphs capture the compiled forward
-            unet_forward = torch.compile(unet.forward, fullgraph=True, options=compile_options)
+            unet_forward = torch.compile(unet.forward, fullgraph=True, **settings)
         elif options.compile == "full":
-            unet.compile(fullgraph=True, options=compile_options)
-        else:
-            for module in _blocks(unet):
-                module.compile(options=compile_options)
+            unet.compile(fullgraph=True, **settings)
         if options.compile == "full":
-            vae.decoder.compile(options=compile_options)
+            vae.decoder.compile(**settings)
         else:
-            for module in _blocks(vae.decoder):
-                module.compile(options=compile_options)
+            blocks = _blocks(unet) + _blocks(vae.decoder)
+            allow_block_graphs()
+            for module in blocks:
+                module.compile(**settings)
     if cuda_graphs:
         replay_as_cuda_graphs(unet, unet_forward)
+
+
+def allow_block_graphs() -> None:
+    """Raise Dynamo's recompile limit to BLOCK_GRAPHS graphs per code object. Compiled blocks of one kind share
+    their forward's frame, and each shape they see is one more graph of it: SD-1.5's U-Net and VAE decoder have 20
+    ResNet-block shapes at one batch size, and past the default limit of 8 the rest ran eagerly."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
+    setattr(config, name, max(getattr(config, name), BLOCK_GRAPHS))
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
