@@ -4,8 +4,9 @@
 #   bash scripts/bench_cuda.sh sd15       # generation and training at Stable Diffusion 1.5's sizes
 #   bash scripts/bench_cuda.sh switches   # fast switches at sd15: fused QKV + NHWC, compiled training step
 #   bash scripts/bench_cuda.sh graphs     # generation at sd15 with CUDA graphs, eager and compiled
-#   bash scripts/bench_cuda.sh next       # what the first lease left open: static-shape regional compilation,
-#                                         # --compile full with graphs, larger and autotuned training steps
+#   bash scripts/bench_cuda.sh next       # what the first lease left open: SDPA backends at sd15's shapes,
+#                                         # static-shape regional compilation, --compile full with graphs,
+#                                         # larger and autotuned training steps
 # Packages that machine lacks travel as wheels in .whl/ (installed into /tmp/site); logs go to $OUT.
 set -u
 OUT=${OUT:-/tmp/t2i-bench-cuda}
@@ -53,6 +54,7 @@ graphs)
     step sd15-compile-blocks-graphs 400 python3 $GEN --compile blocks --cuda-graphs on --json "$OUT/sd15-blocks-graphs.json"
     ;;
 next)
+    step sd15-attention 120 python3 scripts/bench_attention.py --size sd15 --device cuda
     step sd15-blocks-static 300 python3 $GEN --no-cold --compile blocks --json "$OUT/sd15-blocks-static.json"
     step sd15-full-graphs 420 python3 $GEN --compile full --json "$OUT/sd15-full-graphs.json"
     TRAIN="scripts/bench_train.py --size sd15 --device cuda --resolution 512 --steps 5 --blocks 3"
