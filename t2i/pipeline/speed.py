@@ -22,8 +22,8 @@ Compile = Literal["off", "blocks", "full"]
 COMPILE_MODES: tuple[str, ...] = ("off", "blocks", "full")
 NETWORK_DTYPES: tuple[str, ...] = ("auto", "fp32", "bf16")
 SWITCH_VALUES: tuple[str, ...] = ("auto", "on", "off")
-# Graphs per compiled block kind: every block shape of SD-1.5's U-Net and VAE decoder at a few batch sizes.
-BLOCK_GRAPHS = 128
+# Compiled graphs per code object: every block shape of SD-1.5's U-Net and VAE decoder at a few batch sizes.
+GRAPHS_PER_FRAME = 128
 # Where Inductor keeps compiled kernels between processes, unless TORCHINDUCTOR_CACHE_DIR says otherwise.
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "t2i" / "inductor"
 
@@ -90,6 +90,7 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
     unet_forward = unet.forward
     if options.compile != "off":
         compile_cache_dir()
+        allow_graphs_per_frame(GRAPHS_PER_FRAME)
         # Freezing folds the (inference-only) weights into the graph as constants, which lets Inductor pre-pack
         # them for oneDNN's convolutions and matmuls on the CPU. Static shapes: one specialised graph per shape
         # (a pipeline sees a few), not Dynamo's dynamic-shape graph from the second shape on.
@@ -101,23 +102,22 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
         if options.compile == "full":
             vae.decoder.compile(**settings)
         else:
-            blocks = _blocks(unet) + _blocks(vae.decoder)
-            allow_block_graphs()
-            for module in blocks:
+            for module in _blocks(unet) + _blocks(vae.decoder):
                 module.compile(**settings)
     if cuda_graphs:
         replay_as_cuda_graphs(unet, unet_forward)
 
 
-def allow_block_graphs() -> None:
-    """Raise Dynamo's recompile limit to BLOCK_GRAPHS graphs per code object. Compiled blocks of one kind share
-    their forward's frame, and each shape they see is one more graph of it: SD-1.5's U-Net and VAE decoder have 20
-    ResNet-block shapes at one batch size, and past the default limit of 8 the rest ran eagerly."""
+def allow_graphs_per_frame(count: int) -> None:
+    """Raise Dynamo's recompile limit (8 by default) to `count` graphs per code object; past it, a function runs
+    eagerly without a word but a log line. Compiled blocks of one kind share their forward's frame, and each shape
+    they see is one more graph of it: SD-1.5's U-Net and VAE decoder have 20 ResNet-block shapes at one batch size.
+    A whole compiled U-Net gets one graph per batch size and resolution it is called with."""
     import torch._dynamo
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # renamed in torch 2.6
-    setattr(config, name, max(getattr(config, name), BLOCK_GRAPHS))
+    setattr(config, name, max(getattr(config, name), count))
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
