@@ -48,6 +48,26 @@ def test_cuda_graphs_are_left_off_on_the_cpu_by_default():
     assert "forward" not in vars(pipe.unet)  # the U-Net's own forward, not a graph replay
 
 
+def test_graphed_unet_falls_back_to_its_forward_where_a_replay_would_be_wrong():
+    """What the CUDA-graph wrapper must not replay: CPU tensors, calls that need gradients (training, classifier
+    guidance through the U-Net) and extra conditioning; those run the U-Net's own forward, same output type."""
+    from t2i.models.cuda_graph import replay_as_cuda_graphs
+
+    unet = build_tiny_pipeline().to("cpu", torch.float32).unet
+    sample_in = torch.randn(2, unet.config.in_channels, 8, 8)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = unet(sample_in, torch.tensor(10), encoder_hidden_states=context).sample
+    replay_as_cuda_graphs(unet)
+    with torch.no_grad():
+        plain = unet(sample_in, torch.tensor(10), encoder_hidden_states=context)
+        as_tuple = unet(sample_in, torch.tensor(10), encoder_hidden_states=context, return_dict=False)
+    assert torch.equal(plain.sample, expected) and torch.equal(as_tuple[0], expected)
+    with_grad = unet(sample_in, torch.tensor(10), encoder_hidden_states=context).sample
+    assert with_grad.requires_grad
+    assert unet.forward.graphs == {}, "nothing may be captured off a CUDA device"
+
+
 def test_bf16_networks_keep_latents_and_sampler_in_fp32(fp32_images):
     pipe = build_tiny_pipeline().to("cpu", torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
