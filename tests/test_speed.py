@@ -68,6 +68,27 @@ def test_graphed_unet_falls_back_to_its_forward_where_a_replay_would_be_wrong():
     assert unet.forward.graphs == {}, "nothing may be captured off a CUDA device"
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
+def test_the_sampling_loop_reads_nothing_back_from_the_device_per_step(sampler, monkeypatch):
+    """On a GPU every read of a tensor's value on the host (`.item()`, `if tensor:`, `.cpu()`, ...) waits for the
+    queue to drain. The default sampler's and the demo's loops read a fixed few (setting up the scheduler, the
+    finiteness checks after the loop): as many at 8 steps as at 4."""
+    pipe = build_tiny_pipeline().to("cpu", torch.float32)
+    context, negative = pipe.encode_prompts(PROMPTS), pipe.encode_prompts(["", ""])
+    reads = []
+    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *args, _original=original, _name=name, **kwargs:
+                            reads.append(_name) or _original(self, *args, **kwargs))
+    counts = {}
+    for steps in (4, 8):
+        reads.clear()
+        pipe.denoise(context, negative, [1, 2], steps, 4.0, 16, 16, sampler)
+        counts[steps] = len(reads)
+    assert counts[8] == counts[4], f"host reads per call: {counts}"
+
+
 def test_bf16_networks_keep_latents_and_sampler_in_fp32(fp32_images):
     pipe = build_tiny_pipeline().to("cpu", torch.bfloat16)
     assert pipe.unet.dtype == torch.bfloat16
