@@ -309,6 +309,9 @@ class TrainConfig:
     # torch.compile the stage's network (Inductor, kernels cached on disk for later runs). The first steps pay the
     # compilation: on the demo's 2-core CPU about a minute, more than it saves in a 1,700-step stage.
     compile: bool = False
+    # Worker processes that load, decode and augment batches ahead of the step. None: as many as suit the data
+    # (t2i.data.loader.loader_workers): none for data held in memory, up to 4 for images read from disk.
+    loader_workers: int | None = None
     seed: int = 0
     log_every: int = 10
     sample_every: int = 0
@@ -328,6 +331,7 @@ class TrainConfig:
         _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must lie in (0, 1)")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         _check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0")
+        _check(self.loader_workers is None or self.loader_workers >= 0, "loader_workers must be >= 0 (or null: auto)")
 
 
 @dataclass(frozen=True)

@@ -82,3 +82,52 @@ def test_resume_equals_uninterrupted(tmp_path, buckets):
         for index, pixels in zip(batch["index"].tolist(), batch["pixel_values"]):
             by_index.setdefault(index, []).append(pixels)
     assert any(not torch.equal(views[0], views[-1]) for views in by_index.values() if len(views) > 1)
+
+
+def test_loader_workers_give_the_same_batches_and_resume_alike(tmp_path):
+    """Images decoded by worker processes ahead of the step: batch k is the same with 0 or 2 workers, from the
+    start and resumed, because augmentation is seeded by (seed, epoch, index)."""
+    folder = clean_folder(tmp_path, count=10)
+    train, _, _ = build_datasets(bucket_config(folder))
+    in_process = list(islice(train_batches(train, 2, seed=3), 12))
+    with_workers = list(islice(train_batches(train, 2, seed=3, workers=2), 12))
+    resumed = list(islice(train_batches(train, 2, seed=3, start_batch=7, workers=2), 5))
+    for expected, got in list(zip(in_process, with_workers)) + list(zip(in_process[7:], resumed)):
+        assert got["caption"] == expected["caption"]
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])
+
+
+class _StopSignalDispositions(torch.utils.data.Dataset):
+    """Each item: whether the process that loaded it ignores SIGINT and SIGTERM."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import signal
+
+        return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
+                             signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+
+
+def test_loader_workers_leave_ctrl_c_and_sigterm_to_the_training_process(tmp_path):
+    """The stop signals reach the whole process group; the trainer stops after its step and checkpoints, so its
+    workers must not die first (a dead worker is an error in the trainer)."""
+    ignored = next(train_batches(_StopSignalDispositions(), 2, seed=0, workers=1))
+    assert ignored.all()
+    in_process = next(train_batches(_StopSignalDispositions(), 2, seed=0))
+    assert not in_process.any()
+
+
+def test_auto_loader_workers_are_for_images_read_from_disk(tmp_path, monkeypatch):
+    from t2i.data.loader import MAX_AUTO_WORKERS, loader_workers
+    from t2i.data.shapes import ShapesDataset
+
+    train, _, _ = build_datasets(bucket_config(clean_folder(tmp_path, count=4)))
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(None, train) == MAX_AUTO_WORKERS
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert loader_workers(None, train) == 1
+    assert loader_workers(3, train) == 3
+    shapes, _, _ = build_datasets(DataConfig(size=8))
+    assert isinstance(shapes, ShapesDataset) and loader_workers(None, shapes) == 0

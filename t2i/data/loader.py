@@ -6,9 +6,14 @@
 Invariant, for every kind: micro-batch k of a process is a pure function of (seed, k, rank, world_size) and the
 data, so a run resumed at k sees exactly the batches an uninterrupted one sees. Square images use
 `ResumableBatchSampler`, aspect-ratio buckets `BucketBatchSampler`, tar shards the stream's own batching.
+
+Images read from disk are loaded by worker processes ahead of the step, off its critical path; batch k is the
+same with any number of workers (augmentation is seeded by (seed, epoch, index), not by the process).
 """
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import torch
@@ -52,10 +57,35 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+# Workers for images read from disk: enough to decode a batch while a GPU step runs, and no more than the cores
+# beside the one that drives the step.
+MAX_AUTO_WORKERS = 4
+
+
+def loader_workers(setting: int | None, dataset: Dataset) -> int:
+    """Worker processes for `dataset`'s batches: `setting`, or for None none where items are already in memory
+    (shapes, cached latents) and for streamed shards (which quarantine bad samples in this process as they meet
+    them), and one fewer than the CPU's cores, at most MAX_AUTO_WORKERS, for images decoded from disk."""
+    if setting is not None:
+        return setting
+    if not isinstance(dataset, ImageCaptionDataset):
+        return 0
+    return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
+
+
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """Ctrl-C or a scheduler's SIGTERM reaches the whole process group; the training process stops gracefully
+    after its step and then shuts its workers down, so a worker must not die first, mid-batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
-                  world_size: int = 1) -> Iterator[dict]:
-    """Endless collated micro-batches of this process, from micro-batch `start_batch` on."""
+                  world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
+    """Endless collated micro-batches of this process, from micro-batch `start_batch` on; `workers` processes
+    prepare them ahead (map-style datasets), in pinned memory for a fast copy to a GPU with `pin_memory`."""
     if isinstance(dataset, ShardStream):
         return dataset.batches(batch_size, seed, start_batch, rank, world_size)
     sampler = batch_sampler(dataset, batch_size, seed, start_batch, rank, world_size)
-    return iter(DataLoader(dataset, batch_sampler=sampler))
+    return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                           worker_init_fn=_worker_ignores_stop_signals if workers else None))
