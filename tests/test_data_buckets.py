@@ -97,26 +97,26 @@ def test_loader_workers_give_the_same_batches_and_resume_alike(tmp_path):
         assert torch.equal(got["pixel_values"], expected["pixel_values"])
 
 
-class _StopSignalDispositions(torch.utils.data.Dataset):
-    """Each item: whether the process that loaded it ignores SIGINT and SIGTERM."""
+class _ProcessGroups(torch.utils.data.Dataset):
+    """Each item: the process group of the process that loaded it."""
 
     def __len__(self):
         return 4
 
     def __getitem__(self, index):
-        import signal
+        import os
 
-        return torch.tensor([signal.getsignal(signal.SIGINT) == signal.SIG_IGN,
-                             signal.getsignal(signal.SIGTERM) == signal.SIG_IGN])
+        return torch.tensor(os.getpgrp())
 
 
-def test_loader_workers_leave_ctrl_c_and_sigterm_to_the_training_process(tmp_path):
-    """The stop signals reach the whole process group; the trainer stops after its step and checkpoints, so its
-    workers must not die first (a dead worker is an error in the trainer)."""
-    ignored = next(train_batches(_StopSignalDispositions(), 2, seed=0, workers=1))
-    assert ignored.all()
-    in_process = next(train_batches(_StopSignalDispositions(), 2, seed=0))
-    assert not in_process.any()
+def test_loader_workers_leave_ctrl_c_and_group_kills_to_the_training_process():
+    """Ctrl-C and a kill of the process group would kill the workers mid-step, an error in the trainer, which
+    stops gracefully after its step and then shuts its workers down; so workers run in their own group."""
+    import os
+
+    workers = next(train_batches(_ProcessGroups(), 2, seed=0, workers=1))
+    assert (workers != os.getpgrp()).all()
+    assert (next(train_batches(_ProcessGroups(), 2, seed=0)) == os.getpgrp()).all()
 
 
 def test_auto_loader_workers_are_for_images_read_from_disk(tmp_path, monkeypatch):
@@ -126,8 +126,10 @@ def test_auto_loader_workers_are_for_images_read_from_disk(tmp_path, monkeypatch
     train, _, _ = build_datasets(bucket_config(clean_folder(tmp_path, count=4)))
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert loader_workers(None, train) == MAX_AUTO_WORKERS
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert loader_workers(None, train) == 2
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert loader_workers(None, train) == 1
+    assert loader_workers(None, train) == 0  # both cores stay with the training step
     assert loader_workers(3, train) == 3
     shapes, _, _ = build_datasets(DataConfig(size=8))
     assert isinstance(shapes, ShapesDataset) and loader_workers(None, shapes) == 0

@@ -13,7 +13,6 @@ same with any number of workers (augmentation is seeded by (seed, epoch, index),
 from __future__ import annotations
 
 import os
-import signal
 from collections.abc import Iterator
 
 import torch
@@ -57,27 +56,27 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-# Workers for images read from disk: enough to decode a batch while a GPU step runs, and no more than the cores
-# beside the one that drives the step.
+# Workers for images read from disk: enough to decode a batch while a GPU step runs. Two cores stay with the
+# training process (its Python thread and its kernels): on 2 cores a worker only took them from the step.
 MAX_AUTO_WORKERS = 4
 
 
 def loader_workers(setting: int | None, dataset: Dataset) -> int:
     """Worker processes for `dataset`'s batches: `setting`, or for None none where items are already in memory
     (shapes, cached latents) and for streamed shards (which quarantine bad samples in this process as they meet
-    them), and one fewer than the CPU's cores, at most MAX_AUTO_WORKERS, for images decoded from disk."""
+    them), and for images decoded from disk the CPU's cores but two, at most MAX_AUTO_WORKERS."""
     if setting is not None:
         return setting
     if not isinstance(dataset, ImageCaptionDataset):
         return 0
-    return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 1))
+    return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 2))
 
 
-def _worker_ignores_stop_signals(_worker_id: int) -> None:
-    """Ctrl-C or a scheduler's SIGTERM reaches the whole process group; the training process stops gracefully
-    after its step and then shuts its workers down, so a worker must not die first, mid-batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _worker_in_its_own_process_group(_worker_id: int) -> None:
+    """Ctrl-C and a `kill` of the process group reach every process in it. The training process stops gracefully
+    after its step and then shuts its workers down; a worker killed first would be an error in it ("DataLoader
+    worker is killed by signal"). So workers leave the group; they still exit when their parent asks or dies."""
+    os.setpgrp()
 
 
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
@@ -88,4 +87,4 @@ def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int
         return dataset.batches(batch_size, seed, start_batch, rank, world_size)
     sampler = batch_sampler(dataset, batch_size, seed, start_batch, rank, world_size)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
-                           worker_init_fn=_worker_ignores_stop_signals if workers else None))
+                           worker_init_fn=_worker_in_its_own_process_group if workers else None))

@@ -1,0 +1,44 @@
+"""How fast training batches of user images come, with 0, 1, ... worker processes decoding them.
+
+    python scripts/bench_loader.py IMAGE_FOLDER --resolution 512 --batch 16 --workers 0 1 2
+
+IMAGE_FOLDER is any folder `t2i finetune --data` takes. Images are cropped at random and flipped, as a fine-tune
+with `data.crop=random` sees them, so nothing can be cached; the time is the loading alone, no training step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from itertools import islice
+from pathlib import Path
+
+from t2i.config import DataConfig
+from t2i.data.build import build_datasets
+from t2i.data.loader import train_batches
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args(argv)
+    train, _, _ = build_datasets(DataConfig(dataset="imagefolder", path=str(args.folder),
+                                            resolution=args.resolution, crop="random", random_flip=True))
+    print(f"{len(train)} images, {args.resolution} px, batch {args.batch}")
+    for workers in args.workers:
+        batches = train_batches(train, args.batch, seed=0, workers=workers)
+        next(batches)  # workers started and their queues primed
+        started = time.perf_counter()
+        for _ in islice(batches, args.batches):
+            pass
+        seconds = time.perf_counter() - started
+        print(f"workers {workers}: {seconds / args.batches * 1e3:.0f} ms per batch, "
+              f"{args.batch * args.batches / seconds:.0f} images/s")
+        del batches  # shuts its workers down before the next count starts its own
+
+
+if __name__ == "__main__":
+    main()
