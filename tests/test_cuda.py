@@ -87,3 +87,24 @@ def test_cuda_graphed_unet_runs_its_own_forward_when_gradients_are_needed():
     with torch.inference_mode():
         unet(latents.detach(), torch.tensor(10, device="cuda"), encoder_hidden_states=context)
     assert len(unet.forward.graphs) == 1
+
+
+def test_cuda_loader_workers_hand_over_pinned_batches(tmp_path):
+    """For a GPU the workers' batches come in pinned memory, so that the copy to the device overlaps the step;
+    the values are the in-process ones."""
+    from itertools import islice
+
+    from data_fixtures import clean_folder
+    from t2i.config import DataConfig
+    from t2i.data.build import build_datasets
+    from t2i.data.loader import batch_to_device, train_batches
+
+    folder = clean_folder(tmp_path, count=6)
+    train, _, _ = build_datasets(DataConfig(dataset="imagefolder", path=str(folder.root), resolution=16,
+                                            crop="random", random_flip=True))
+    plain = list(islice(train_batches(train, 2, seed=1), 4))
+    pinned = list(islice(train_batches(train, 2, seed=1, workers=2, pin_memory=True), 4))
+    for expected, got in zip(plain, pinned):
+        assert got["pixel_values"].is_pinned()
+        on_device = batch_to_device(got, torch.device("cuda"))
+        assert torch.equal(on_device["pixel_values"].cpu(), expected["pixel_values"])
