@@ -310,7 +310,8 @@ class TrainConfig:
     # compilation: on the demo's 2-core CPU about a minute, more than it saves in a 1,700-step stage.
     compile: bool = False
     # Worker processes that load, decode and augment batches ahead of the step. None: as many as suit the data
-    # (t2i.data.loader.loader_workers): none for data held in memory, up to 4 for images read from disk.
+    # (t2i.data.loader.loader_workers): none for data held in memory; for images read from disk, the cores but two,
+    # at most 4.
     loader_workers: int | None = None
     seed: int = 0
     log_every: int = 10

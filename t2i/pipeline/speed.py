@@ -95,11 +95,11 @@ def apply_speed_options(unet: torch.nn.Module, vae: torch.nn.Module, options: Sp
         # them for oneDNN's convolutions and matmuls on the CPU. Static shapes: one specialised graph per shape
         # (a pipeline sees a few), not Dynamo's dynamic-shape graph from the second shape on.
         settings = {"dynamic": False, "options": {"freezing": True} if device.type == "cpu" else {}}
-        if options.compile == "full" and cuda_graphs:  # the graphs capture the compiled forward
-            unet_forward = torch.compile(unet.forward, fullgraph=True, **settings)
-        elif options.compile == "full":
-            unet.compile(fullgraph=True, **settings)
         if options.compile == "full":
+            if cuda_graphs:  # the graphs capture the compiled forward
+                unet_forward = torch.compile(unet.forward, fullgraph=True, **settings)
+            else:
+                unet.compile(fullgraph=True, **settings)
             vae.decoder.compile(**settings)
         else:
             for module in _blocks(unet) + _blocks(vae.decoder):
