@@ -94,25 +94,20 @@ def generate(name: str, pipe, count: int, args: argparse.Namespace) -> np.ndarra
     return np.stack([np.asarray(image) for image in images])
 
 
+def timed_call(device: str | torch.device, work):
+    """(wall seconds, result) of `work()`, waiting for the device's queue before and after."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    result = work()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
 def timed(name: str, pipe, count: int, args: argparse.Namespace) -> tuple[float, np.ndarray]:
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    images = generate(name, pipe, count, args)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started, images
-
-
-def seconds(device: str, work) -> float:
-    """Wall time of `work()`, waiting for the device's queue before and after."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    work()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return timed_call(args.device, lambda: generate(name, pipe, count, args))
 
 
 def t2i_parts(pipe, args: argparse.Namespace) -> dict[str, float]:
@@ -121,12 +116,13 @@ def t2i_parts(pipe, args: argparse.Namespace) -> dict[str, float]:
     size = pipe.default_size
     parts: dict[str, list[float]] = {"text": [], "denoise": [], "decode": []}
     for _ in range(args.repeats):
-        state = {}
-        parts["text"].append(seconds(args.device, lambda: state.update(
-            context=pipe.encode_prompts(PROMPTS[:1]), negative=pipe.encode_prompts([""]))))
-        parts["denoise"].append(seconds(args.device, lambda: state.update(latents=pipe.denoise(
-            state["context"], state["negative"], [0], args.steps, args.guidance, size, size, "dpmpp_2m"))))
-        parts["decode"].append(seconds(args.device, lambda: pipe.decode(state["latents"])))
+        elapsed, (context, negative) = timed_call(
+            args.device, lambda: (pipe.encode_prompts(PROMPTS[:1]), pipe.encode_prompts([""])))
+        parts["text"].append(elapsed)
+        elapsed, latents = timed_call(args.device, lambda: pipe.denoise(
+            context, negative, [0], args.steps, args.guidance, size, size, "dpmpp_2m"))
+        parts["denoise"].append(elapsed)
+        parts["decode"].append(timed_call(args.device, lambda: pipe.decode(latents))[0])
     return {name: float(np.median(times)) for name, times in parts.items()}
 
 
@@ -179,8 +175,8 @@ def main(argv=None) -> None:
         for _ in range(args.repeats):
             for count in (args.batch, 1):
                 for name, pipe in pipes.items():
-                    seconds, batch_images = timed(name, pipe, count, args)
-                    times[name][count].append(seconds)
+                    elapsed, batch_images = timed(name, pipe, count, args)
+                    times[name][count].append(elapsed)
                     if count == args.batch:
                         images[name] = batch_images
         parts = t2i_parts(pipes["t2i"], args)

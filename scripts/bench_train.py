@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import peak_memory_mb  # noqa: E402
+from bench_generate import peak_memory_mb, timed_call  # noqa: E402
 from bench_models import SIZES, build_pipeline_folder  # noqa: E402
 
 
@@ -122,14 +121,7 @@ def diffusers_step_fn(unet, vae, text_encoder, tokenizer, dataset, batch: int, d
 
 
 def timed_block(step, steps: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return timed_call(device, lambda: [step() for _ in range(steps)])[0]
 
 
 def unet_training_flops(unet, latent_size: int, text_width: int) -> float:

@@ -49,8 +49,8 @@ def test_cuda_graphs_are_left_off_on_the_cpu_by_default():
 
 
 def test_graphed_unet_falls_back_to_its_forward_where_a_replay_would_be_wrong():
-    """What the CUDA-graph wrapper must not replay: CPU tensors, calls that need gradients (training, classifier
-    guidance through the U-Net) and extra conditioning; those run the U-Net's own forward, same output type."""
+    """What the CUDA-graph wrapper must not replay: CPU tensors and calls that need gradients (training, classifier
+    guidance through the U-Net); those run the U-Net's own forward, with the same output type."""
     from t2i.models.cuda_graph import replay_as_cuda_graphs
 
     unet = build_tiny_pipeline().to("cpu", torch.float32).unet
@@ -276,4 +276,3 @@ def _with(train_config, **changes):
     from dataclasses import replace
 
     return replace(copy.deepcopy(train_config), **changes)
-
