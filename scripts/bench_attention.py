@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import timed_call  # noqa: E402
 from bench_models import SIZES  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -43,17 +43,10 @@ def attention_shapes(size_name: str) -> list[tuple[str, int, int, int, int]]:
 
 def forward_ms(query, key, value, backend, device: str, repeats: int) -> float | None:
     """Median milliseconds of one forward under `backend`; None if it refuses the inputs."""
-    times = []
     try:
         with sdpa_kernel([backend]), torch.inference_mode():
-            for _ in range(repeats + 2):
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                started = time.perf_counter()
-                F.scaled_dot_product_attention(query, key, value)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
+            times = [timed_call(device, lambda: F.scaled_dot_product_attention(query, key, value))[0]
+                     for _ in range(repeats + 2)]
     except RuntimeError:  # "No available kernel": this backend does not take this shape, dtype or device
         return None
     return sorted(times[2:])[len(times[2:]) // 2] * 1e3
