@@ -311,7 +311,7 @@ class TrainConfig:
     compile: bool = False
     # Worker processes that load, decode and augment batches ahead of the step. None: as many as suit the data
     # (t2i.data.loader.loader_workers): none for data held in memory; for images read from disk, the cores but two,
-    # at most 4.
+    # at most 4 (for streamed tar shards threads of the training process, which reads them in one sequence).
     loader_workers: int | None = None
     seed: int = 0
     log_every: int = 10

@@ -108,3 +108,22 @@ def test_cuda_loader_workers_hand_over_pinned_batches(tmp_path):
         assert got["pixel_values"].is_pinned()
         on_device = batch_to_device(got, torch.device("cuda"))
         assert torch.equal(on_device["pixel_values"].cpu(), expected["pixel_values"])
+
+
+def test_cuda_streamed_shards_hand_over_pinned_batches(tmp_path):
+    """Streamed shards' worker threads pin their batches too; the values are the in-line ones."""
+    from itertools import islice
+
+    from data_fixtures import write_shards
+    from t2i.config import DataConfig
+    from t2i.data.build import build_datasets
+    from t2i.data.loader import train_batches
+
+    config = DataConfig(dataset="webdataset", path=str(write_shards(tmp_path).root), resolution=16,
+                        shuffle_buffer=5, max_bad_fraction=0.5, crop="random", random_flip=True)
+    plain = list(islice(train_batches(build_datasets(config, main_process=False)[0], 2, seed=1), 4))
+    stream = build_datasets(config, main_process=False)[0]
+    pinned = list(islice(train_batches(stream, 2, seed=1, workers=2, pin_memory=True), 4))
+    for expected, got in zip(plain, pinned, strict=True):
+        assert got["pixel_values"].is_pinned()
+        assert torch.equal(got["pixel_values"], expected["pixel_values"])

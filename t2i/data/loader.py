@@ -8,7 +8,9 @@ data, so a run resumed at k sees exactly the batches an uninterrupted one sees. 
 `ResumableBatchSampler`, aspect-ratio buckets `BucketBatchSampler`, tar shards the stream's own batching.
 
 Images read from disk are loaded by worker processes ahead of the step, off its critical path; batch k is the
-same with any number of workers (augmentation is seeded by (seed, epoch, index), not by the process).
+same with any number of workers (augmentation is seeded by (seed, epoch, index), not by the process). Streamed
+shards are read in one sequence, so there a thread of this process makes the next batches ahead, and the workers
+are threads that decode and transform their images.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from t2i.data.buckets import BucketBatchSampler
 from t2i.data.image_captions import ImageCaptionDataset
+from t2i.data.prefetch import prefetched
 from t2i.data.sampler import ResumableBatchSampler
 from t2i.data.sources.webdataset import ShardStream
 
@@ -56,18 +59,24 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def pinned(batch: dict) -> dict:
+    """A collated batch with its tensors in page-locked memory, which copies to a GPU asynchronously."""
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 # Workers for images read from disk: enough to decode a batch while a GPU step runs. Two cores stay with the
 # training process (its Python thread and its kernels): on 2 cores a worker only took them from the step.
 MAX_AUTO_WORKERS = 4
+STREAM_BATCHES_AHEAD = 2  # batches a streamed-shard thread decodes ahead of the step
 
 
 def loader_workers(setting: int | None, dataset: Dataset) -> int:
-    """Worker processes for `dataset`'s batches: `setting`, or for None none where items are already in memory
-    (shapes, cached latents) and for streamed shards (which quarantine bad samples in this process as they meet
-    them), and for images decoded from disk the CPU's cores but two, at most MAX_AUTO_WORKERS."""
+    """Workers for `dataset`'s batches: `setting`, or for None none where items are already in memory (shapes,
+    cached latents), and for images decoded from disk (image folders, streamed shards) the CPU's cores but two, at
+    most MAX_AUTO_WORKERS. For shards the workers are threads (`train_batches`)."""
     if setting is not None:
         return setting
-    if not isinstance(dataset, ImageCaptionDataset):
+    if not isinstance(dataset, (ImageCaptionDataset, ShardStream)):
         return 0
     return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 2))
 
@@ -82,9 +91,14 @@ def _worker_in_its_own_process_group(_worker_id: int) -> None:
 def train_batches(dataset: Dataset, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
                   world_size: int = 1, workers: int = 0, pin_memory: bool = False) -> Iterator[dict]:
     """Endless collated micro-batches of this process, from micro-batch `start_batch` on; `workers` processes
-    prepare them ahead (map-style datasets), in pinned memory for a fast copy to a GPU with `pin_memory`."""
+    prepare them ahead, in pinned memory for a fast copy to a GPU with `pin_memory`. Streamed shards are read in
+    one sequence: there `workers` > 0 is a thread reading STREAM_BATCHES_AHEAD batches ahead, whose images that
+    many threads decode and transform."""
     if isinstance(dataset, ShardStream):
-        return dataset.batches(batch_size, seed, start_batch, rank, world_size)
+        batches = dataset.batches(batch_size, seed, start_batch, rank, world_size, threads=workers)
+        if pin_memory:
+            batches = map(pinned, batches)
+        return prefetched(batches, STREAM_BATCHES_AHEAD if workers else 0)
     sampler = batch_sampler(dataset, batch_size, seed, start_batch, rank, world_size)
     return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
                            worker_init_fn=_worker_in_its_own_process_group if workers else None))

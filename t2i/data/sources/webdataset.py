@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +29,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, default_collate
 
+from t2i.data.prefetch import ordered_map
 from t2i.data.quarantine import CAPTION_NOT_UTF8, NOT_A_FILE, UNREADABLE_SHARD, Quarantine, Rejected, ScanReport
 from t2i.data.scan import Sample, check_entry
 from t2i.data.sources.entry import Entry
@@ -146,19 +149,26 @@ class ShardStream(IterableDataset):
         for i in torch.randperm(len(buffer), generator=generator).tolist():
             yield buffer[i]
 
-    def _checked(self, order_seed: int, epoch: int) -> Iterator[tuple[Sample, Image.Image]]:
-        """Epoch `epoch`'s good entries with their RGB image; bad ones go to the quarantine."""
+    def _check(self, entry: Entry) -> tuple[Entry, tuple[Sample, Image.Image] | Rejected]:
+        try:
+            return entry, check_entry(entry, self.options.min_side, self.options.max_caption_length)
+        except Rejected as rejected:
+            return entry, rejected
+
+    def _checked(self, order_seed: int, epoch: int, pool: Executor | None = None, ahead: int = 0
+                 ) -> Iterator[tuple[Sample, Image.Image]]:
+        """Epoch `epoch`'s good entries with their RGB image, in order, decoded up to `ahead` entries ahead by
+        `pool`'s threads if given; bad ones go to the quarantine."""
         entries = self._entries(order_seed, epoch)
         if not self.validation:
             entries = self._shuffled(entries, order_seed, epoch)
         count = 0
-        for entry in entries:
-            try:
-                sample, rgb = check_entry(entry, self.options.min_side, self.options.max_caption_length)
-            except Rejected as rejected:
-                self.quarantine.add(entry.name, rejected.reason, rejected.detail)
+        for entry, checked in ordered_map(self._check, entries, pool, ahead):
+            if isinstance(checked, Rejected):
+                self.quarantine.add(entry.name, checked.reason, checked.detail)
                 self._check_early()
                 continue
+            sample, rgb = checked
             count += 1
             if self.epoch_length is None:
                 self._good_met = count
@@ -172,7 +182,7 @@ class ShardStream(IterableDataset):
         if self.epoch_length is None and report.total >= EARLY_CHECK_AFTER:
             report.check(self.options.max_bad_fraction)
 
-    def _item(self, sample: Sample, rgb: Image.Image, epoch: int, position: int, augment: bool) -> dict:
+    def _item(self, sample: Sample, rgb: Image.Image, epoch: int, position: int, augment: bool = True) -> dict:
         size = self.options.resolution
         crop, flip = (self.options.crop, self.options.random_flip) if augment else ("center", False)
         image = resize_crop_flip(rgb, size, size, crop, flip, sample_generator(self.options.seed, epoch, position))
@@ -186,13 +196,19 @@ class ShardStream(IterableDataset):
         for batch in self.batches(1, seed=self.options.seed):
             yield {key: value[0] for key, value in batch.items()}
 
-    def batches(self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
-                world_size: int = 1) -> Iterator[dict]:
+    def batches(self, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0, world_size: int = 1,
+                threads: int = 1) -> Iterator[dict]:
         """This process's collated micro-batches, forever, from global batch `start_batch` on; the order is
-        seeded by `seed`, as `ResumableBatchSampler` is."""
+        seeded by `seed`, as `ResumableBatchSampler` is. With `threads` > 1 that many threads decode and
+        transform images; the batches are the same."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="t2i-decode") if threads > 1 else nullcontext() as pool:
+            yield from self._batches(batch_size, seed, start_batch, rank, world_size, pool, 2 * threads)
+
+    def _batches(self, batch_size: int, seed: int, start_batch: int, rank: int, world_size: int,
+                 pool: Executor | None, decode_ahead: int) -> Iterator[dict]:
         global_batch = batch_size * world_size
         to_skip = start_batch * global_batch
-        chunk: list[dict] = []
+        chunk: list[tuple | None] = []  # this process's (sample, rgb, epoch, position); None for the others'
         epoch = 0
         while True:
             if self.epoch_length is not None and to_skip >= self.epoch_length:
@@ -201,16 +217,14 @@ class ShardStream(IterableDataset):
                 to_skip -= self.epoch_length
                 epoch += 1
                 continue
-            for position, (sample, rgb) in enumerate(self._checked(seed, epoch)):
+            for position, (sample, rgb) in enumerate(self._checked(seed, epoch, pool, decode_ahead)):
                 if to_skip:
                     to_skip -= 1
                     continue
-                if len(chunk) % world_size == rank:
-                    chunk.append(self._item(sample, rgb, epoch, position, augment=True))
-                else:
-                    chunk.append({})
+                chunk.append((sample, rgb, epoch, position) if len(chunk) % world_size == rank else None)
                 if len(chunk) == global_batch:
-                    yield default_collate(chunk[rank::world_size])
+                    mine = chunk[rank::world_size]
+                    yield default_collate(list(ordered_map(lambda job: self._item(*job), mine, pool, len(mine))))
                     chunk = []
             if self.epoch_length == 0:
                 raise T2IError("data: the shards hold no good training samples")
