@@ -10,6 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from diffusers.models.attention_processor import Attention
 
 from conftest import build_tiny_pipeline, tiny_config
+from t2i.diffusion.samplers import HOST_TIMESTEP_SAMPLERS, SAMPLERS, set_timesteps
 from t2i.errors import T2IError
 from t2i.models.padded_attention import PaddedCrossAttention, pad_keys
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
@@ -68,25 +69,52 @@ def test_graphed_unet_falls_back_to_its_forward_where_a_replay_would_be_wrong():
     assert unet.forward.graphs == {}, "nothing may be captured off a CUDA device"
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_a"])
+class OnDevice(torch.Tensor):
+    """A CPU tensor that stands for one on a GPU: results of ops on it are on the device too, and every read of its
+    value on the host (`.item()`, `if tensor:`, a host table indexed by it, ...), which on a GPU would wait for the
+    device's queue to drain, is recorded."""
+
+    reads: list[str] = []
+    HOST_READS = {"item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__", "__index__"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in cls.HOST_READS:
+            cls.reads.append(name)
+        elif name == "__getitem__" and not isinstance(args[0], OnDevice):
+            cls.reads.append("a host table indexed by a device tensor")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
 def test_the_sampling_loop_reads_nothing_back_from_the_device_per_step(sampler, monkeypatch):
-    """On a GPU every read of a tensor's value on the host (`.item()`, `if tensor:`, `.cpu()`, ...) waits for the
-    queue to drain. The default sampler's and the demo's loops read a fixed few (setting up the scheduler, the
-    finiteness checks after the loop): as many at 8 steps as at 4."""
+    """Latents, token states, predictions, the U-Net's timesteps and the schedulers' timesteps (but those of
+    HOST_TIMESTEP_SAMPLERS) live on the device. The loop may read a fixed few values back (the finiteness checks
+    after it), as many at 8 steps as at 4: none per step."""
+    import t2i.pipeline.pipeline as pipeline_module
+
+    def on_device(tensor):
+        return tensor.as_subclass(OnDevice)
+
+    def set_timesteps_on_the_device(scheduler, name, steps, device):
+        unet_timesteps = set_timesteps(scheduler, name, steps, device)
+        if name not in HOST_TIMESTEP_SAMPLERS:
+            scheduler.timesteps = on_device(scheduler.timesteps)
+        return on_device(unet_timesteps)
+
     pipe = build_tiny_pipeline().to("cpu", torch.float32)
-    context, negative = pipe.encode_prompts(PROMPTS), pipe.encode_prompts(["", ""])
-    reads = []
-    for name in ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__int__", "__float__"):
-        original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name,
-                            lambda self, *args, _original=original, _name=name, **kwargs:
-                            reads.append(_name) or _original(self, *args, **kwargs))
+    context, negative = on_device(pipe.encode_prompts(PROMPTS)), on_device(pipe.encode_prompts(["", ""]))
+    monkeypatch.setattr(pipeline_module, "set_timesteps", set_timesteps_on_the_device)
+    initial_noise = pipe._initial_noise
+    monkeypatch.setattr(pipe, "_initial_noise", lambda *args: on_device(initial_noise(*args)))
     counts = {}
     for steps in (4, 8):
-        reads.clear()
-        pipe.denoise(context, negative, [1, 2], steps, 4.0, 16, 16, sampler)
-        counts[steps] = len(reads)
-    assert counts[8] == counts[4], f"host reads per call: {counts}"
+        OnDevice.reads.clear()
+        latents = pipe.denoise(context, negative, [1, 2], steps, 4.0, 16, 16, sampler)
+        assert isinstance(latents, OnDevice)
+        counts[steps] = list(OnDevice.reads)
+    assert counts[8] == counts[4], f"reads of device values per call: {counts}"
 
 
 def test_bf16_networks_keep_latents_and_sampler_in_fp32(fp32_images):

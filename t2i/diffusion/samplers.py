@@ -130,6 +130,20 @@ def make_scheduler(name: str, scheduler_config: dict, threshold_percentile: floa
     return cls.from_config(config)
 
 
+# Samplers whose diffusers step looks its timestep up in host tables (ᾱ_t, and for DDPM the timestep's place in the
+# ladder): handed timesteps that live on a GPU, every step would wait for the device to read them back.
+HOST_TIMESTEP_SAMPLERS = frozenset({"ddim", "ddpm"})
+
+
+def set_timesteps(scheduler: SchedulerMixin, name: str, steps: int, device: torch.device) -> torch.Tensor:
+    """Set `scheduler` (of sampler `name`) up for `steps` steps and return its timesteps on `device`, for the U-Net.
+
+    Iterate over `scheduler.timesteps` for the scheduler's own calls: on `device` too, or for
+    HOST_TIMESTEP_SAMPLERS on the host, where its steps read them without a device sync. The values are the same."""
+    scheduler.set_timesteps(steps, device="cpu" if name in HOST_TIMESTEP_SAMPLERS else device)
+    return scheduler.timesteps.to(device)
+
+
 def supports_zero_terminal_snr(name: str) -> bool:
     """Whether sampler `name` honours a config's `rescale_betas_zero_snr` (t2i's own samplers take the σ ladder of
     `euler`, which does)."""

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from t2i.diffusion.guidance import guide_batched
-from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler
+from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler, set_timesteps
 from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.errors import T2IError
 from t2i.models.classifier import NoisyLatentClassifier
@@ -273,7 +273,7 @@ class Text2ImagePipeline:
         context = _guided_context(context, negative_context, guidance)
 
         # Timesteps first: some schedulers (Euler) set init_noise_sigma from them.
-        scheduler.set_timesteps(steps, device=self.device)
+        unet_timesteps = set_timesteps(scheduler, sampler, steps, self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = self._initial_noise(generators, height, width) * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generators, eta)
@@ -281,17 +281,17 @@ class Text2ImagePipeline:
             scheduler.noise_sampler_seed = list(seeds)
         predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
         learned_variance = predicts_variance(self.scheduler_config)
-        for t in scheduler.timesteps:
+        for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t).to(self.dtype)
-            prediction = self.unet(model_input, t, encoder_hidden_states=context).sample.float()
+            prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
             predictions_finite &= torch.isfinite(prediction).all()
             if learned_variance:  # guidance acts on the prediction half alone
                 prediction, variance = split_variance(prediction)
             if use_guidance:
                 prediction = guide_batched(prediction, guidance, guidance_rescale)
             if guide is not None:
-                prediction = guide(scheduler.scale_model_input(latents, t), t, prediction, None)
+                prediction = guide(scheduler.scale_model_input(latents, t), unet_t, prediction, None)
             if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
                 prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample

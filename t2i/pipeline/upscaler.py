@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from t2i.diffusion.guidance import classifier_free_guidance
-from t2i.diffusion.samplers import check_sampler, make_scheduler
+from t2i.diffusion.samplers import check_sampler, make_scheduler, set_timesteps
 from t2i.diffusion.schedules import scheduler_alphas_cumprod
 from t2i.diffusion.super_resolution import augment_condition, upsample
 from t2i.errors import T2IError
@@ -93,12 +93,12 @@ class Upscaler:
             condition, levels = torch.cat([condition] * 2), torch.cat([levels] * 2)
 
         scheduler = make_scheduler(sampler, self.scheduler_config)
-        scheduler.set_timesteps(steps, device=device)
+        unet_timesteps = set_timesteps(scheduler, sampler, steps, device)
         shape = (len(seeds), low.shape[1], low.shape[2] * self.factor, low.shape[3] * self.factor)
         x = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = scheduler.scale_model_input(torch.cat([x] * 2) if use_guidance else x, t)
-            prediction = self.predict(self.unet, model_input, condition, t, context, levels)
+            prediction = self.predict(self.unet, model_input, condition, unet_t, context, levels)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
