@@ -8,6 +8,7 @@
 #   bash scripts/bench_cuda.sh next-generate  # SDPA backends at sd15's shapes; regional compilation, static shapes
 #   bash scripts/bench_cuda.sh next-full      # --compile full with CUDA graphs (no cold-start processes)
 #   bash scripts/bench_cuda.sh next-train     # the compiled training step at batch 32, and with GEMM autotuning
+#   bash scripts/bench_cuda.sh next-loader    # 512 px batches from JPEGs on the machine's cores, beside a 180 ms step
 # Packages that machine lacks travel as wheels in .whl/ (installed into /tmp/site); logs go to $OUT.
 set -u
 OUT=${OUT:-/tmp/t2i-bench-cuda}
@@ -53,6 +54,11 @@ switches)
 graphs)
     step sd15-cuda-graphs 200 python3 $GEN --no-cold --cuda-graphs on
     step sd15-compile-blocks-graphs 400 python3 $GEN --compile blocks --cuda-graphs on --json "$OUT/sd15-blocks-graphs.json"
+    ;;
+next-loader)
+    LOADER="scripts/bench_loader.py --synthetic 400 --resolution 512 --batch 16 --step-ms 180"
+    step loader-folder 240 python3 $LOADER --workers 0 2 4 8
+    step loader-shards 240 python3 $LOADER --shards --workers 0 1 2 4 8
     ;;
 next-generate)
     step sd15-attention 90 python3 scripts/bench_attention.py --size sd15 --device cuda
