@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -208,7 +208,7 @@ class ShardStream(IterableDataset):
                  pool: Executor | None, decode_ahead: int) -> Iterator[dict]:
         global_batch = batch_size * world_size
         to_skip = start_batch * global_batch
-        chunk: list[tuple | None] = []  # this process's (sample, rgb, epoch, position); None for the others'
+        chunk: list[dict | Future | None] = []  # this process's items (or their making); None for the others'
         epoch = 0
         while True:
             if self.epoch_length is not None and to_skip >= self.epoch_length:
@@ -221,10 +221,15 @@ class ShardStream(IterableDataset):
                 if to_skip:
                     to_skip -= 1
                     continue
-                chunk.append((sample, rgb, epoch, position) if len(chunk) % world_size == rank else None)
+                if len(chunk) % world_size != rank:
+                    chunk.append(None)
+                elif pool is None:
+                    chunk.append(self._item(sample, rgb, epoch, position))
+                else:  # transformed as soon as a thread is free, so that no batch of full-size images piles up
+                    chunk.append(pool.submit(self._item, sample, rgb, epoch, position))
                 if len(chunk) == global_batch:
                     mine = chunk[rank::world_size]
-                    yield default_collate(list(ordered_map(lambda job: self._item(*job), mine, pool, len(mine))))
+                    yield default_collate([item.result() if isinstance(item, Future) else item for item in mine])
                     chunk = []
             if self.epoch_length == 0:
                 raise T2IError("data: the shards hold no good training samples")
