@@ -94,9 +94,10 @@ def test_streamed_batches_are_the_same_with_worker_threads_and_resume_alike(tmp_
     config = DataConfig(dataset="webdataset", path=str(folder.root), resolution=16, shuffle_buffer=5,
                         max_bad_fraction=0.5, crop="random", random_flip=True)
 
-    def batches(start, count, workers):
+    def batches(start, count, workers, rank=0, world_size=1):
         stream, _, _ = build_datasets(config, main_process=False)
-        return [b for _, b in zip(range(count), train_batches(stream, 3, 5, start, workers=workers))], stream
+        made = train_batches(stream, 3, 5, start, rank, world_size, workers=workers)
+        return [b for _, b in zip(range(count), made)], stream
 
     in_line, stream = batches(0, 11, workers=0)  # 11 batches of 3: past the first epoch of 24 good samples
     for workers in (1, 3):
@@ -106,6 +107,11 @@ def test_streamed_batches_are_the_same_with_worker_threads_and_resume_alike(tmp_
             assert got["caption"] == reference["caption"]
             assert torch.equal(got["pixel_values"], reference["pixel_values"])
         assert ahead_stream.report().skipped == stream.report().skipped  # every bad member quarantined, once
+    # The second of two processes keeps its own half of each global batch, with threads as in line.
+    for reference, got in zip(batches(2, 4, 0, rank=1, world_size=2)[0], batches(2, 4, 3, rank=1, world_size=2)[0],
+                              strict=True):
+        assert got["caption"] == reference["caption"]
+        assert torch.equal(got["pixel_values"], reference["pixel_values"])
 
 
 def test_streamed_shards_get_worker_threads_as_image_folders_get_processes(tmp_path, monkeypatch):
