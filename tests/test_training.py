@@ -173,6 +173,27 @@ def test_scaled_latents_have_unit_variance(trained_run):
     assert (latents * vae.config.scaling_factor).std().item() == pytest.approx(1.0, abs=0.1)
 
 
+def test_the_unet_gets_contiguous_latents_from_a_channels_last_vae_output(trained_run):
+    """The VAE's attention leaves its moments channels-last; the U-Net's input must not carry that along (its
+    convolutions would follow it, and bf16 GroupNorm is slow on it), cached or encoded on the fly."""
+    from t2i.data.build import build_datasets
+    from t2i.data.latents import encode_dataset
+    from t2i.training.run import load_vae
+    from t2i.training.stages.unet import sample_latents
+
+    vae = load_vae(trained_run)
+    dataset, _, _ = build_datasets(tiny_config(trained_run).data)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(4)])
+    with torch.no_grad():
+        moments = vae.encode(images).latent_dist.mean
+    assert moments.stride(1) == 1 and not moments.is_contiguous()  # channels innermost, as in NHWC
+    cached = encode_dataset(vae, torch.utils.data.Subset(dataset, range(4)))
+    batches = [{"latent_mean": cached.mean, "latent_std": cached.std}, {"pixel_values": images}]
+    for batch in batches:
+        latents = sample_latents(vae, batch, BatchRandomness(torch.Generator().manual_seed(0)))
+        assert latents.shape == moments.shape and latents.is_contiguous()
+
+
 def test_two_local_cpu_processes_train_data_parallel(tmp_path):
     run_dir = tmp_path / "run"
     pipeline = run_training(tiny_config(run_dir, "local_processes=2"))

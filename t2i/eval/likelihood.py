@@ -150,8 +150,8 @@ def vae_codec(vae) -> tuple[Encoder, Decoder]:
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
 
     def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = vae.encode(pixels.to(device, dtype)).latent_dist
-        return (posterior.mean - shift) * scale, posterior.std * scale
+        posterior = vae.encode(pixels.to(device, dtype)).latent_dist  # channels-last strides: see sample_latents
+        return ((posterior.mean - shift) * scale).contiguous(), (posterior.std * scale).contiguous()
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return vae.decode((z / scale + shift).to(device, dtype)).sample
