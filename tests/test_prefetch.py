@@ -8,7 +8,7 @@ import torch
 
 from t2i.config import DataConfig
 from t2i.data.build import build_datasets
-from t2i.data.loader import loader_workers, train_batches
+from t2i.data.loader import loader_workers, loading_note, train_batches
 from t2i.data.prefetch import ordered_map, prefetched
 from t2i.errors import T2IError
 
@@ -121,3 +121,18 @@ def test_streamed_shards_get_worker_threads_as_image_folders_get_processes(tmp_p
     assert loader_workers(None, stream) == 0  # a fine-tune on this 2-core CPU ran 8% slower with one thread
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert loader_workers(None, stream) == 4 and loader_workers(2, stream) == 2
+
+
+def test_the_log_says_how_images_read_from_disk_are_loaded(tmp_path):
+    from data_fixtures import clean_folder
+
+    stream, _, _ = build_datasets(DataConfig(dataset="webdataset", path=str(write_shards(tmp_path).root),
+                                             resolution=16), main_process=False)
+    folder, _, _ = build_datasets(DataConfig(dataset="imagefolder", path=str(clean_folder(tmp_path, count=4).root),
+                                             resolution=16))
+    assert loading_note(stream, 0) == loading_note(folder, 0) == (
+        "images are decoded in the training process, between steps (loader_workers: 0)")
+    assert loading_note(stream, 1).startswith("a thread reads the shards 2 batches ahead and decodes their images")
+    assert "3 threads decode their images (loader_workers: 3)" in loading_note(stream, 3)
+    assert loading_note(folder, 2) == "2 worker processes decode images ahead of the step (loader_workers: 2)"
+    assert loading_note(build_datasets(DataConfig(size=8))[0], 0) is None  # shapes, in memory

@@ -81,6 +81,21 @@ def loader_workers(setting: int | None, dataset: Dataset) -> int:
     return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 2))
 
 
+def loading_note(dataset: Dataset, workers: int) -> str | None:
+    """How the batches of images read from disk are loaded, for the run's log; None for data held in memory."""
+    if not isinstance(dataset, (ImageCaptionDataset, ShardStream)):
+        return None
+    if workers == 0:
+        return "images are decoded in the training process, between steps (loader_workers: 0)"
+    if isinstance(dataset, ShardStream) and workers == 1:
+        how = f"a thread reads the shards {STREAM_BATCHES_AHEAD} batches ahead and decodes their images"
+    elif isinstance(dataset, ShardStream):
+        how = f"a thread reads the shards {STREAM_BATCHES_AHEAD} batches ahead, {workers} threads decode their images"
+    else:
+        how = f"{workers} worker process{'es' if workers > 1 else ''} decode images ahead of the step"
+    return f"{how} (loader_workers: {workers})"
+
+
 def _worker_in_its_own_process_group(_worker_id: int) -> None:
     """Ctrl-C and a `kill` of the process group reach every process in it. The training process stops gracefully
     after its step and then shuts its workers down; a worker killed first would be an error in it ("DataLoader

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from t2i.atomic import write_folder
 from t2i.config import TrainConfig
-from t2i.data.loader import batch_to_device, loader_workers, train_batches
+from t2i.data.loader import batch_to_device, loader_workers, loading_note, train_batches
 from t2i.errors import T2IError
 from t2i.pipeline.pipeline import NonFiniteSample
 from t2i.pipeline.speed import compile_cache_dir
@@ -154,9 +154,12 @@ class TrainLoop:
 
     def run(self) -> torch.nn.Module:
         config, accelerator = self.config, self.accelerator
+        workers = loader_workers(config.loader_workers, self.dataset)
+        note = loading_note(self.dataset, workers)
+        if note is not None:
+            accelerator.print(f"[{self.stage.name}] {note}")
         batches = train_batches(self.dataset, config.batch_size, config.seed, self.state.micro_batches,
-                                accelerator.process_index, accelerator.num_processes,
-                                workers=loader_workers(config.loader_workers, self.dataset),
+                                accelerator.process_index, accelerator.num_processes, workers=workers,
                                 pin_memory=accelerator.device.type == "cuda")
         if self.is_main:
             _drop_metrics_after(self.metrics_file, self.state.step)  # logged by a run killed after its checkpoint
