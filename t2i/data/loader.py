@@ -70,20 +70,24 @@ MAX_AUTO_WORKERS = 4
 STREAM_BATCHES_AHEAD = 2  # batches a streamed-shard thread decodes ahead of the step
 
 
+def _reads_images_from_disk(dataset: Dataset) -> bool:
+    return isinstance(dataset, (ImageCaptionDataset, ShardStream))
+
+
 def loader_workers(setting: int | None, dataset: Dataset) -> int:
     """Workers for `dataset`'s batches: `setting`, or for None none where items are already in memory (shapes,
     cached latents), and for images decoded from disk (image folders, streamed shards) the CPU's cores but two, at
     most MAX_AUTO_WORKERS. For shards the workers are threads (`train_batches`)."""
     if setting is not None:
         return setting
-    if not isinstance(dataset, (ImageCaptionDataset, ShardStream)):
+    if not _reads_images_from_disk(dataset):
         return 0
     return max(0, min(MAX_AUTO_WORKERS, (os.cpu_count() or 1) - 2))
 
 
 def loading_note(dataset: Dataset, workers: int) -> str | None:
     """How the batches of images read from disk are loaded, for the run's log; None for data held in memory."""
-    if not isinstance(dataset, (ImageCaptionDataset, ShardStream)):
+    if not _reads_images_from_disk(dataset):
         return None
     if workers == 0:
         return "images are decoded in the training process, between steps (loader_workers: 0)"
