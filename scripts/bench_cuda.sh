@@ -10,10 +10,12 @@
 #   bash scripts/bench_cuda.sh next-train     # the compiled training step at batch 32, and with GEMM autotuning
 #   bash scripts/bench_cuda.sh next-loader    # 512 px batches from JPEGs on the machine's cores, beside a 180 ms step
 # Packages that machine lacks travel as wheels in .whl/ (installed into /tmp/site); logs go to $OUT.
+# DRY_RUN=1 runs a part's commands on this machine's CPU at the tiny size, so that a lease is not spent on a typo.
 set -u
+DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-/tmp/t2i-bench-cuda}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
+if [ "$DRY_RUN" != 1 ] && compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || exit 1
     export PYTHONPATH=/tmp/site
@@ -22,6 +24,10 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 TORCHINDUCT
 GEN="scripts/bench_generate.py --size sd15 --device cuda --steps 30 --guidance 7.5"
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, keep going on failure
     local name=$1 limit=$2; shift 2
+    if [ "$DRY_RUN" = 1 ]; then  # the same command at the tiny size on the CPU: sd15 -> tiny, cuda -> cpu, 512 px -> 64
+        set -- $(printf '%s\n' "$@" | sed -e 's/^sd15$/tiny/' -e 's/^cuda$/cpu/' -e 's/^512$/64/' \
+            | awk 'prev == "--cuda-graphs" { $0 = "off" } { prev = $0; print }')
+    fi
     echo "=== $name: $*"
     local started=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -v "^\s*$" | tail -n 25
@@ -29,10 +35,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
 }
 case ${1:-check} in
 check)
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+    [ "$DRY_RUN" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
     python3 -c "import torch, diffusers, transformers, accelerate, open_clip; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, \
-'open_clip', open_clip.__version__, torch.cuda.get_device_name())"
+'open_clip', open_clip.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
     ;&
 tests)
     step cuda-tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
@@ -76,7 +82,7 @@ next-train)
         --set train.unet.compile=true
     ;;
 *)
-    echo "unknown part '$1': check, tests, sd15, switches, graphs, next-generate, next-full or next-train" >&2
+    echo "unknown part '$1': check, tests, sd15, switches, graphs, next-generate, next-full, next-train or next-loader" >&2
     exit 2
     ;;
 esac
