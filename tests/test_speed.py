@@ -5,13 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from conftest import build_tiny_pipeline, tiny_config
 from t2i.diffusion.samplers import HOST_TIMESTEP_SAMPLERS, SAMPLERS, set_timesteps
 from t2i.errors import T2IError
+from t2i.models.cpu_attention import ShortKeysMatmulAttention, key_length
 from t2i.models.padded_attention import PaddedCrossAttention, pad_keys
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.precision import bf16_is_fast, resolve_mixed_precision
@@ -219,7 +218,50 @@ def test_loading_keeps_the_stored_precision_and_speed_up_picks_the_fast_one(tmp_
     assert pipe.unet.dtype == pipe.dtype == network_dtype("auto", torch.device("cpu"))
 
 
-def test_bf16_training_on_cpu_uses_matmul_attention(tmp_path):
+class _Recording:
+    """An attention processor that notes each call, then runs `inner`."""
+
+    def __init__(self, inner, calls: list, name: str):
+        self.inner, self.calls, self.name = inner, calls, name
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(self.name)
+        return self.inner(*args, **kwargs)
+
+
+@pytest.mark.parametrize("image_input", [False, True], ids=["tokens", "feature-map"])
+def test_short_keys_go_to_matmul_attention_long_ones_to_sdpa_with_the_same_output(image_input):
+    torch.manual_seed(0)
+    calls = []
+    dispatcher = ShortKeysMatmulAttention(max_keys=16)
+    dispatcher.matmul = _Recording(dispatcher.matmul, calls, "matmul")
+    dispatcher.sdpa = _Recording(dispatcher.sdpa, calls, "sdpa")
+    self_attention = Attention(query_dim=8, heads=2, dim_head=4, residual_connection=image_input).eval()
+    cross_attention = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4).eval()
+    # 16 positions (4 x 4) are at the limit, 25 (5 x 5) over it; the text's 16 and 17 tokens likewise.
+    for side, expected in ((4, "matmul"), (5, "sdpa")):
+        image = torch.randn(2, 8, side, side) if image_input else torch.randn(2, side * side, 8)
+        assert key_length(image, None) == side * side
+        with torch.no_grad():
+            reference = self_attention(image)
+            self_attention.set_processor(dispatcher)
+            output = self_attention(image)
+            self_attention.set_processor(AttnProcessor2_0())
+        assert calls.pop() == expected and torch.allclose(output, reference, atol=1e-5)
+    queries = torch.randn(2, 25, 8)
+    for tokens, expected in ((16, "matmul"), (17, "sdpa")):
+        text = torch.randn(2, tokens, 6)
+        assert key_length(queries, text) == tokens
+        with torch.no_grad():
+            reference = cross_attention(queries, encoder_hidden_states=text)
+            cross_attention.set_processor(dispatcher)
+            output = cross_attention(queries, encoder_hidden_states=text)
+            cross_attention.set_processor(AttnProcessor2_0())
+        assert calls.pop() == expected and torch.allclose(output, reference, atol=1e-5)
+    assert not calls
+
+
+def test_bf16_training_on_cpu_uses_matmul_attention_over_short_keys(tmp_path):
     from t2i.training.interrupt import StopRequest
     from t2i.training.loop import TrainLoop
 
@@ -228,7 +270,7 @@ def test_bf16_training_on_cpu_uses_matmul_attention(tmp_path):
     stage = _ToyStage(pipe.unet)
     TrainLoop(stage, [], _with(config.train.unet, mixed_precision="bf16"), tmp_path / "bf16", pipe.device, {},
               StopRequest())
-    assert all(isinstance(p, AttnProcessor) for p in pipe.unet.attn_processors.values())
+    assert all(isinstance(p, ShortKeysMatmulAttention) for p in pipe.unet.attn_processors.values())
     fp32_unet = build_tiny_pipeline().to("cpu", torch.float32).unet
     TrainLoop(_ToyStage(fp32_unet), [], _with(config.train.unet, mixed_precision="no"), tmp_path / "fp32",
               pipe.device, {}, StopRequest())

@@ -24,7 +24,6 @@ from typing import Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from diffusers.models.attention_processor import AttnProcessor
 from diffusers.training_utils import EMAModel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -33,6 +32,7 @@ from t2i.atomic import write_folder
 from t2i.config import TrainConfig
 from t2i.data.loader import batch_to_device, loader_workers, loading_note, train_batches
 from t2i.errors import T2IError
+from t2i.models.cpu_attention import ShortKeysMatmulAttention
 from t2i.pipeline.pipeline import NonFiniteSample
 from t2i.pipeline.speed import compile_cache_dir
 from t2i.precision import resolve_mixed_precision
@@ -118,9 +118,8 @@ class TrainLoop:
         self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device)
         self.accelerator = make_accelerator(device, self.mixed_precision)
         if self.mixed_precision == "bf16" and device.type == "cpu" and hasattr(stage.model, "set_attn_processor"):
-            # PyTorch's CPU flash-attention backward is ~4x slower in bf16 than softmax(QKᵀ)V by batched
-            # matmuls, which AMX runs fast (docs/performance.md).
-            stage.model.set_attn_processor(AttnProcessor())
+            # PyTorch's CPU flash-attention backward is slower in bf16 than batched matmuls on AMX, up to 256 keys.
+            stage.model.set_attn_processor(ShortKeysMatmulAttention())
         if config.compile:
             compile_cache_dir()
             stage.model.compile()  # in place: parameter names, checkpoints and EMA are unchanged
