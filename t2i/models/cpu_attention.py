@@ -1,9 +1,9 @@
 """Attention for bf16 training on a CPU: softmax(QKᵀ)V by batched matmuls over short key sequences, SDPA over long.
 
 A thin dispatcher between two diffusers processors, because neither is the faster everywhere (forward and backward
-under bf16 autocast on an AMX CPU, docs/performance.md): PyTorch's CPU flash-attention backward is 1.1-4x slower
-than matmul attention up to 256 keys (the demo's self- and cross-attention), while from 512 keys on matmul attention
-is up to 2.3x slower and keeps the whole queries × keys score matrix for the backward.
+under bf16 autocast on an AMX CPU, `scripts/bench_training_attention.py`): PyTorch's CPU flash attention takes
+1.1-3.5x the time of matmul attention up to 256 keys (the demo's self- and cross-attention), while from 512 keys of
+self-attention on matmul attention takes up to 2.1x SDPA's and keeps the whole score matrix for the backward.
 """
 from __future__ import annotations
 
