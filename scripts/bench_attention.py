@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import timed_call  # noqa: E402
+from bench_generate import WARMUP_RUNS, timed_call, warm_median  # noqa: E402
 from bench_models import SIZES  # noqa: E402
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -46,10 +46,10 @@ def forward_ms(query, key, value, backend, device: str, repeats: int) -> float |
     try:
         with sdpa_kernel([backend]), torch.inference_mode():
             times = [timed_call(device, lambda: F.scaled_dot_product_attention(query, key, value))[0]
-                     for _ in range(repeats + 2)]
+                     for _ in range(repeats + WARMUP_RUNS)]
     except RuntimeError:  # "No available kernel": this backend does not take this shape, dtype or device
         return None
-    return sorted(times[2:])[len(times[2:]) // 2] * 1e3
+    return warm_median(times) * 1e3
 
 
 def default_backend(query, key, value) -> str:

@@ -106,6 +106,15 @@ def timed_call(device: str | torch.device, work):
     return time.perf_counter() - started, result
 
 
+WARMUP_RUNS = 2
+
+
+def warm_median(times: list[float]) -> float:
+    """The median of `times` after its first WARMUP_RUNS (allocations, kernel choice, caches)."""
+    warm = sorted(times[WARMUP_RUNS:])
+    return warm[len(warm) // 2]
+
+
 def timed(name: str, pipe, count: int, args: argparse.Namespace) -> tuple[float, np.ndarray]:
     return timed_call(args.device, lambda: generate(name, pipe, count, args))
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_generate import WARMUP_RUNS, timed_call, warm_median  # noqa: E402
 from t2i.models.cpu_attention import MATMUL_MAX_KEYS  # noqa: E402
 
 TEXT_TOKENS, TEXT_WIDTH, HEADS = 77, 64, 8
@@ -27,14 +28,12 @@ TEXT_TOKENS, TEXT_WIDTH, HEADS = 77, 64, 8
 
 def step_ms(attention: Attention, image: torch.Tensor, text: torch.Tensor | None, repeats: int) -> float:
     """Median milliseconds of one forward and backward under bf16 autocast."""
-    times = []
-    for _ in range(repeats + 2):
-        started = time.perf_counter()
+    def step():
         with torch.autocast("cpu", torch.bfloat16):
             output = attention(image, encoder_hidden_states=text)
         output.float().square().mean().backward()
-        times.append(time.perf_counter() - started)
-    return sorted(times[2:])[len(times[2:]) // 2] * 1e3
+
+    return warm_median([timed_call("cpu", step)[0] for _ in range(repeats + WARMUP_RUNS)]) * 1e3
 
 
 def main(argv=None) -> None:
