@@ -181,12 +181,39 @@ def test_rerun_with_other_defaults_is_refused_unless_forced(model, tmp_path):
     out = tmp_path / "out"
     run(model, prompts, out)
     before = manifest_of(out)
-    with pytest.raises(T2IError, match="another defaults"):
+    with pytest.raises(T2IError, match="other settings \\(defaults: was "):
         run(model, prompts, out, steps=3)
     summary = run(model, prompts, out, steps=3, force=True)
     assert summary.generated == 1
     after = manifest_of(out)
     assert after[0]["steps"] == 3 and after[0]["sha256"] != before[0]["sha256"]
+
+
+def test_a_resume_in_another_number_format_is_refused_unless_forced(model, tmp_path):
+    """bf16 moves a rare image beyond rounding (docs/batch.md), so a job resumed in another format would mix them;
+    an "auto" job resumed on a machine whose default differs is caught the same way, by the resolved format."""
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", ["a red circle"]), out, dtype="fp32")
+    job = json.loads((out / "job.json").read_text())
+    assert (job["dtype"], job["compile"]) == ("fp32", "off")
+    more = write(tmp_path / "q.txt", ["a red circle", "a blue square"])
+    with pytest.raises(T2IError, match="dtype: was fp32, now bf16\\); rerun with --dtype fp32, use another --out"):
+        run(model, more, out, dtype="bf16")
+    assert run(model, more, out, dtype="fp32").generated == 1
+    assert run(model, write(tmp_path / "r.txt", ["a green circle"]), out, dtype="bf16", force=True).generated == 1
+    assert json.loads((out / "job.json").read_text())["dtype"] == "bf16"
+
+
+def test_a_job_file_from_before_the_number_format_was_recorded_is_accepted(model, tmp_path):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", ["a red circle"]), out)
+    job = json.loads((out / "job.json").read_text())
+    del job["dtype"], job["compile"]
+    (out / "job.json").write_text(json.dumps(job))
+    assert run(model, write(tmp_path / "q.txt", ["a blue square"]), out, dtype="bf16").generated == 1
+    (out / "job.json").write_text("[]")
+    with pytest.raises(T2IError, match="is not a job record"):
+        run(model, write(tmp_path / "q.txt", ["a blue square"]), out)
 
 
 def test_a_changed_item_under_an_old_id_is_refused_unless_forced(model, tmp_path):

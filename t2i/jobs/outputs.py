@@ -124,7 +124,9 @@ def merge_manifests(out: Path) -> list[dict]:
 
 
 def check_job_file(out: Path, job: dict, force: bool) -> None:
-    """Refuse to add to a folder made with another model or other defaults, unless forced."""
+    """Refuse to add to a folder made with another model, other defaults or another number format, unless forced.
+
+    A key the folder's job.json lacks (written by an older t2i) is not checked."""
     path = out / JOB
     if force or not path.is_file():
         return
@@ -132,11 +134,16 @@ def check_job_file(out: Path, job: dict, force: bool) -> None:
         previous = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise T2IError(f"'{path}' is not valid JSON; fix it or pass --force to overwrite it") from None
-    changed = [key for key in ("model_hash", "defaults") if previous.get(key) != job[key]]
-    if changed:
-        details = "; ".join(f"{key}: was {previous.get(key)}, now {job[key]}" for key in changed)
-        raise T2IError(f"'{out}' holds a job with another {' and '.join(changed)} ({details}); use another --out, "
-                       "or --force to go on with the new settings")
+    if not isinstance(previous, dict):
+        raise T2IError(f"'{path}' is not a job record (a JSON object); fix it or pass --force to overwrite it")
+    changed = [key for key in ("model_hash", "defaults", "dtype") if key in previous and previous[key] != job[key]]
+    if not changed:
+        return
+    details = "; ".join(f"{key}: was {previous[key]}, now {job[key]}" for key in changed)
+    remedy = f"rerun with --dtype {previous['dtype']}, " if changed == ["dtype"] else ""
+    raise T2IError(f"'{out}' holds a job made with other settings ({details}); {remedy}use another --out, or "
+                   "--force to go on with the new settings (images already made are kept as they are, unless their "
+                   "own parameters changed)")
 
 
 def write_job_file(out: Path, job: dict) -> None:

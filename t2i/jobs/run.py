@@ -65,7 +65,7 @@ class JobSummary:
 
 def run_batch_job(job: BatchJob) -> JobSummary:
     from t2i.pipeline import Text2ImagePipeline
-    from t2i.pipeline.speed import SpeedOptions
+    from t2i.pipeline.speed import SpeedOptions, dtype_name
 
     if job.batch_size < 1:
         raise T2IError(f"--batch-size must be at least 1; got {job.batch_size}")
@@ -83,8 +83,12 @@ def run_batch_job(job: BatchJob) -> JobSummary:
             print(f"skipping {len(problems)} invalid line(s):\n{listing}", file=sys.stderr)
 
     model = {"name": job.model.resolve().name, "hash": model_hash(job.model)}
+    # The number format the networks ran in, resolved: an "auto" job resumed on a machine whose default differs
+    # would otherwise mix images of both (outputs.check_job_file). Compilation is recorded, not checked: it keeps
+    # images within rounding.
     job_record = {"model": str(job.model.resolve()), "model_hash": model["hash"], "prompts": str(job.prompts),
-                  "defaults": asdict(defaults), "batch_size": job.batch_size}
+                  "defaults": asdict(defaults), "batch_size": job.batch_size,
+                  "dtype": dtype_name(pipe.dtype), "compile": job.compile}
     outputs.check_job_file(job.out, job_record, job.force)
     (job.out / outputs.IMAGES).mkdir(parents=True, exist_ok=True)
     if processes.rank == 0:

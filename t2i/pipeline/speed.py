@@ -67,6 +67,11 @@ def network_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The `--dtype` name of a network dtype ("fp32", "bf16"); other dtypes by torch's name."""
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
 def compile_cache_dir() -> Path:
     """Point Inductor's on-disk caches (kernels, FX graphs, AOTAutograd) at a folder that outlives /tmp."""
     folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(DEFAULT_COMPILE_CACHE)))
