@@ -3,7 +3,8 @@
 A folder is written under a temporary name beside its target, then swapped in. On Linux the swap is one
 `renameat2(RENAME_EXCHANGE)` call, which Python does not expose (hence the thin ctypes wrapper), so the
 target path always holds a complete folder. Elsewhere the old folder is moved aside first, which leaves a
-moment without one.
+moment without one. The staging and set-aside folders have hidden names of t2i's own, so that clearing a stale one
+never touches a user's `NAME.tmp`.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from safetensors import SafetensorError
 
 from t2i.errors import T2IError
 
-STAGING_SUFFIX = ".tmp"
+STAGING_SUFFIX = ".tmp"  # of staged files
 _RENAME_EXCHANGE = 2  # linux/fs.h
 _AT_FDCWD = -100
 
@@ -59,11 +60,32 @@ def replace_folder(staging: Path, target: Path) -> None:
     if exchange(staging, target):
         shutil.rmtree(staging)  # now the old folder
         return
-    aside = target.with_name(target.name + ".old")
+    aside = _beside(target, "t2i-old")
     shutil.rmtree(aside, ignore_errors=True)
     target.rename(aside)
     staging.rename(target)
     shutil.rmtree(aside)
+
+
+def check_replaceable(target: Path, markers: tuple[str, ...], what: str) -> None:
+    """Refuse a `target` that `write_folder` must not replace: a file, or a folder holding other things than a
+    previous `what` (recognised by any of the `markers` files), since the new folder replaces the old one whole."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise T2IError(f"'{target}' is a file; {what} is written as a folder: give a path that is a folder or does "
+                       "not exist yet")
+    if any((target / marker).is_file() for marker in markers):
+        return
+    held = sorted(path.name for path in target.iterdir())
+    if held:
+        listing = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise T2IError(f"'{target}' already holds other files ({listing}), and writing {what} there would replace "
+                       "the whole folder: give a new or empty folder")
+
+
+def _beside(target: Path, role: str) -> Path:
+    return target.with_name(f".{target.name}.{role}")
 
 
 @contextmanager
@@ -73,7 +95,9 @@ def write_folder(target: Path, what: str) -> Iterator[Path]:
     A failed write (disk full, no permission) removes the staging folder, leaves `target` as it was and
     becomes one T2IError line naming `what` was being written.
     """
-    staging = target.with_name(target.name + STAGING_SUFFIX)
+    if target.exists() and not target.is_dir():
+        raise T2IError(f"could not write {what} '{target}': it is a file, and {what} is a folder; nothing was written")
+    staging = _beside(target, "t2i-staging")
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)

@@ -108,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                           help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
     generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                          help="sampling method (default: the pipeline's, dpmpp_2m); see docs/samplers.md")
+                          help="sampling method (default: the one saved with the pipeline); see docs/samplers.md")
     generate.add_argument("--eta", type=float, default=0.0,
                           help="DDIM's eta with --sampler ddim: 0 deterministic (default), 1 DDPM-like noise")
     generate.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",

@@ -116,13 +116,45 @@ def test_exported_folder_loads_back_into_t2i(tmp_path):
     assert np.abs(first - second).max() <= 2
 
 
-def test_export_replaces_the_folder_whole(tmp_path):
+def test_export_replaces_a_previous_pipeline_whole(tmp_path):
     out = tmp_path / "sd"
-    out.mkdir()
+    export_diffusers(build_tiny_pipeline(), out)
     (out / "stale.txt").write_text("old")
+    (tmp_path / "sd.tmp").mkdir()  # a user's folder that happens to have the name of a staging folder
     export_diffusers(build_tiny_pipeline(), out)
     assert not (out / "stale.txt").exists() and (out / "model_index.json").is_file()
-    assert not (tmp_path / "sd.tmp").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["sd", "sd.tmp"]
+
+
+def test_export_refuses_a_folder_of_other_files_a_file_and_the_model_folder_itself(tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("important")
+    with pytest.raises(T2IError, match=r"already holds other files \(notes.txt\).*give a new or empty folder"):
+        export_diffusers(build_tiny_pipeline(), notes)
+    assert [path.name for path in notes.iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(T2IError, match="'.*file' is a file"):
+        export_diffusers(build_tiny_pipeline(), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "keep"
+    build_tiny_pipeline().save_pretrained(tmp_path / "pipe")
+    assert main(["export", "--model", str(tmp_path / "pipe"), "--out", str(tmp_path / "pipe")]) == 2
+    assert (tmp_path / "pipe" / "t2i_pipeline.json").is_file()
+
+
+def test_an_exported_folder_keeps_the_pipelines_defaults_with_its_sampler(tmp_path):
+    pipe = build_tiny_pipeline()
+    pipe.defaults = {"num_inference_steps": 7, "guidance_scale": 2.5, "sampler": "euler_a"}
+    export_diffusers(pipe, tmp_path / "sd", sampler="heun_karras")
+    again = Text2ImagePipeline.from_pretrained(tmp_path / "sd", device="cpu")
+    assert again.defaults == {"num_inference_steps": 7, "guidance_scale": 2.5, "sampler": "heun_karras"}
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "heun_karras", "dpmpp_2m"])
+def test_a_diffusers_folder_without_t2i_defaults_samples_with_its_own_scheduler(tmp_path, sampler):
+    export_diffusers(build_tiny_pipeline(), tmp_path / "sd", sampler=sampler)
+    (tmp_path / "sd" / "t2i_defaults.json").unlink()
+    assert Text2ImagePipeline.from_pretrained(tmp_path / "sd", device="cpu").defaults["sampler"] == sampler
 
 
 def test_a_unet_with_adapters_is_refused_until_lora_export_exists(tmp_path):

@@ -417,6 +417,24 @@ def test_a_failed_pipeline_save_keeps_the_previous_pipeline(tiny_pipeline, tmp_p
     Text2ImagePipeline.from_pretrained(tmp_path / "pipe", device="cpu")
 
 
+def test_a_pipeline_is_not_saved_over_a_file_or_a_folder_of_other_files(tiny_pipeline, tmp_path):
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(T2IError, match="is a file"):
+        tiny_pipeline.save_pretrained(tmp_path / "file")
+    with pytest.raises(T2IError, match="is a file"):
+        with atomic.write_folder(tmp_path / "file", "pipeline"):
+            pass
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(T2IError, match="already holds other files"):
+        tiny_pipeline.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "file").read_text() == (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    tiny_pipeline.save_pretrained(tmp_path / "empty")
+    tiny_pipeline.save_pretrained(tmp_path / "empty")  # a previous pipeline is replaced
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "file", "mine"]
+
+
 @pytest.mark.parametrize("can_exchange", [True, False])
 def test_replacing_a_folder_leaves_the_old_or_the_new(tmp_path, monkeypatch, can_exchange):
     target = tmp_path / "pipeline"

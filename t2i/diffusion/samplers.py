@@ -155,6 +155,22 @@ def thresholds(name: str) -> bool:
     return name in SCORE_SAMPLERS or "thresholding" in inspect.signature(SAMPLERS[name][0].__init__).parameters
 
 
+def sampler_of_scheduler(config: dict) -> str | None:
+    """The sampler a saved diffusers scheduler config describes: its `_class_name` and the method's settings (a
+    missing setting reads as the class's default); None for a scheduler t2i does not name (PNDM, say). Of several
+    matches, the one defined by the most settings: heun_karras over heun."""
+    matches = []
+    for name, (_, settings) in SAMPLERS.items():
+        cls = diffusers_class(name)
+        if cls.__name__ != config.get("_class_name"):
+            continue
+        defaults = inspect.signature(cls.__init__).parameters
+        if all(config.get(key, defaults[key].default if key in defaults else None) == value
+               for key, value in settings.items()):
+            matches.append(name)
+    return max(matches, key=lambda name: len(SAMPLERS[name][1]), default=None)
+
+
 def diffusers_class(name: str) -> type[SchedulerMixin]:
     """The diffusers scheduler class a saved config names for sampler `name` (t2i's subclasses save as their base)."""
     cls = SAMPLERS[name][0]

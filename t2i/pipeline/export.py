@@ -5,7 +5,8 @@ The VAE and U-Net are diffusers models already and are saved as they are. The te
 default sampler over its own noise schedule. A U-Net with learned variances goes whole with `ddpm`, whose
 DDPMScheduler reads them (`variance_type="learned_range"`); with any other sampler, which diffusers' pipeline would
 hand all 2C channels, it goes without its variance half. A super-resolution stage goes along as sr/ and a classifier as
-classifier/, which diffusers ignores and t2i reads back. The folder is written whole (t2i.atomic).
+classifier/, which diffusers ignores and t2i reads back, as it does t2i_defaults.json: the pipeline's generation
+defaults, with the exported sampler. The folder is written whole (t2i.atomic).
 """
 from __future__ import annotations
 
@@ -15,18 +16,20 @@ from pathlib import Path
 import diffusers
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-from t2i.atomic import write_folder
+from t2i.atomic import check_replaceable, write_folder
 from t2i.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS, SCORE_SAMPLERS, diffusers_class
 from t2i.diffusion.vlb import predicts_variance
 from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
 from t2i.models.text_encoder import OpenClipTextEncoder
 from t2i.pipeline.pipeline import Text2ImagePipeline
-from t2i.pipeline.storage import CLASSIFIER, SCHEDULER_CONFIG, SR
+from t2i.pipeline.storage import CLASSIFIER, DIFFUSERS_DEFAULTS, PIPELINE_MARKERS, SCHEDULER_CONFIG, SR
 
 
 def export_folder(model: str | Path, out: str | Path, sampler: str | None = None, allow_pickle: bool = False) -> Path:
     """Export the t2i or diffusers pipeline folder `model` to the diffusers folder `out`."""
+    if Path(out).resolve() == Path(model).resolve():
+        raise T2IError(f"--out '{out}' is the model folder itself; export to another folder")
     pipe = Text2ImagePipeline.from_pretrained(model, device="cpu", allow_pickle=allow_pickle)
     return export_diffusers(pipe, out, sampler)
 
@@ -35,6 +38,7 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     """Write `pipe` to `out` in diffusers' Stable Diffusion layout, with `sampler` (default: the pipeline's)."""
     check_no_adapters(pipe)
     out = Path(out)
+    check_replaceable(out, PIPELINE_MARKERS, "the diffusers pipeline")
     sampler = sampler or pipe.defaults["sampler"]
     text_encoder, tokenizer = to_clip_text_model(pipe.text_encoder)
     if sampler in SCORE_SAMPLERS:
@@ -55,6 +59,8 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
         if pipe.classifier is not None:
             pipe.classifier.save_pretrained(staging / CLASSIFIER)
         _write_scheduler_config(staging, sampler, scheduler_config)
+        defaults = {**pipe.defaults, "sampler": sampler}
+        (staging / DIFFUSERS_DEFAULTS).write_text(json.dumps(defaults, indent=2) + "\n")
         if isinstance(pipe.text_encoder, OpenClipTextEncoder):
             write_vocab_and_merges(staging / "tokenizer")
     return out

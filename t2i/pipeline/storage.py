@@ -1,7 +1,8 @@
 """Pipeline folders on disk: t2i's own layout and diffusers' Stable Diffusion layout.
 
 A t2i folder holds `t2i_pipeline.json` beside vae/, unet/, text_encoder/ (open_clip or Hugging Face CLIP),
-tokenizer/ (Hugging Face only) and scheduler/. Either layout may hold sr/, the cascade's optional
+tokenizer/ (Hugging Face only) and scheduler/. A diffusers folder's generation defaults are those `t2i export` wrote
+to `t2i_defaults.json` (diffusers ignores the file), else the sampler its scheduler describes. Either layout may hold sr/, the cascade's optional
 super-resolution stage (t2i.pipeline.upscaler), and classifier/, the optional noise-aware classifier of classifier
 guidance (t2i.models.classifier), which diffusers itself ignores. A folder is written under a temporary name and swapped in
 when complete (t2i.atomic), so a crash never leaves a half-written pipeline, nor none, behind.
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from t2i.atomic import write_folder
+from t2i.atomic import check_replaceable, write_folder
+from t2i.diffusion.samplers import sampler_of_scheduler
 from t2i.errors import T2IError
 from t2i.models import weight_files
 from t2i.models.classifier import NoisyLatentClassifier
@@ -22,8 +24,10 @@ from t2i.pipeline.upscaler import Upscaler
 
 MANIFEST = "t2i_pipeline.json"
 DIFFUSERS_INDEX = "model_index.json"
+DIFFUSERS_DEFAULTS = "t2i_defaults.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 FORMAT_VERSION = 1
+PIPELINE_MARKERS = (MANIFEST, DIFFUSERS_INDEX)  # a folder holding either is a pipeline, which a new one may replace
 SR = "sr"
 CLASSIFIER = "classifier"
 COMPONENT_NAMES = {"vae": "VAE", "unet": "U-Net", CLASSIFIER: "classifier"}
@@ -76,8 +80,15 @@ def _load_diffusers(path: Path, allow_pickle: bool) -> dict:
         "text_encoder": _load_hf_text_encoder(path, allow_pickle),
         "unet": _load_diffusers_model(UNet2DConditionModel, path, "unet", allow_pickle),
         "scheduler_config": _read_scheduler_config(path),
-        "defaults": {},
+        "defaults": _diffusers_defaults(path),
     }
+
+
+def _diffusers_defaults(path: Path) -> dict:
+    if (path / DIFFUSERS_DEFAULTS).is_file():
+        return weight_files.check_json(path / DIFFUSERS_DEFAULTS, path)
+    sampler = sampler_of_scheduler(weight_files.check_json(path / SCHEDULER_CONFIG, path))
+    return {} if sampler is None else {"sampler": sampler}
 
 
 def _load_diffusers_model(model_class, path: Path, component: str, allow_pickle: bool):
@@ -119,6 +130,7 @@ def _read_scheduler_config(path: Path) -> dict:
 def save_components(path: Path, vae: AutoencoderKL, text_encoder: TextEncoder, unet: UNet2DConditionModel,
                     scheduler_config: dict, defaults: dict, sr: Upscaler | None = None,
                     classifier: NoisyLatentClassifier | None = None) -> None:
+    check_replaceable(path, PIPELINE_MARKERS, "a pipeline")
     with write_folder(path, "pipeline") as staging:
         if sr is not None:
             sr.save_pretrained(staging / SR)
