@@ -314,6 +314,7 @@ def _generate(args) -> None:
         raise T2IError("give a prompt, or --from-image PNG")
     from t2i.pipeline.speed import SpeedOptions
 
+    paths = _image_paths(args.out, args.num_images)
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     pipe.speed_up(SpeedOptions(dtype=args.dtype, compile=args.compile))
     images = pipe([args.prompt] * args.num_images, negative_prompt=args.negative, num_inference_steps=args.steps,
@@ -321,15 +322,29 @@ def _generate(args) -> None:
                   sampler=args.sampler, progress=True, upscale=args.upscale, eta=args.eta,
                   guidance_rescale=args.guidance_rescale, dynamic_threshold=args.dynamic_threshold,
                   classifier_guidance=args.classifier_guidance)
-    _save_images(images, args.out)
+    _save_images(images, paths)
 
 
-def _save_images(images, out: Path) -> None:
-    """OUT for one image; NAME-0.png, NAME-1.png, ... for several."""
+def _image_paths(out: Path, count: int) -> list[Path]:
+    """OUT for one image; NAME-0.png, NAME-1.png, ... for several (.png when OUT has no extension). Checked before
+    any work, so that a bad --out does not fail after the images are made."""
+    from PIL import Image
+
+    if out.is_dir():
+        raise T2IError(f"--out '{out}' is a folder; give an image file name, such as '{out / 'image.png'}'")
     out = out if out.suffix else out.with_suffix(".png")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
-    for image, path in zip(images, paths):
+    Image.init()
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise T2IError(f"--out '{out}': '{out.suffix}' is not an image format PIL writes; use .png, .jpg or .webp")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise T2IError(f"--out '{out}': '{blocking}' is a file, not a folder")
+    return [out] if count == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _save_images(images, paths: list[Path]) -> None:
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, paths, strict=True):
         image.save(path)
         print(path)
 
@@ -339,6 +354,7 @@ def _upscale(args) -> None:
 
     from t2i import Text2ImagePipeline
 
+    paths = _image_paths(args.out, len(args.images))
     images = []
     for path in args.images:
         try:
@@ -348,7 +364,7 @@ def _upscale(args) -> None:
             raise T2IError(f"cannot read image '{path}': {error}") from None
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     _save_images(pipe.upscale(images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                              noise_level=args.noise_level, seed=args.seed, sampler=args.sampler), args.out)
+                              noise_level=args.noise_level, seed=args.seed, sampler=args.sampler), paths)
 
 
 def _take_parameters_from_image(args) -> None:

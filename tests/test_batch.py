@@ -152,6 +152,25 @@ def test_a_missing_or_unknown_prompt_file_is_one_clear_error(model, tmp_path, ca
     assert "must end in .txt, .jsonl or .csv" in err and "Traceback" not in err
 
 
+def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:3])
+    for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0")):
+        assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                     option, value]) == 2
+        err = capsys.readouterr().err
+        assert err.count(f"error: {option}: ") == 1 and "line" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_byte_order_marks_of_spreadsheet_exports_are_dropped(model, tmp_path):
+    bom = "\ufeff"
+    (tmp_path / "p.csv").write_text(bom + "id,prompt\nred,a red circle\n", encoding="utf-8")
+    (tmp_path / "p.txt").write_text(bom + "a blue square\n", encoding="utf-8")
+    items = [read_items(tmp_path / name, DEFAULTS, 2)[0][0] for name in ("p.csv", "p.txt")]
+    assert [(item.id, item.prompt) for item in items][0] == ("red", "a red circle")
+    assert items[1].prompt == "a blue square"
+
+
 # ----------------------------------------------------------------- outputs
 
 def test_outputs_png_parameters_manifest_and_job_file(model, tmp_path):
@@ -224,6 +243,24 @@ def test_a_changed_item_under_an_old_id_is_refused_unless_forced(model, tmp_path
         run(model, changed, out)
     run(model, changed, out, force=True)
     assert manifest_of(out)[0]["prompt"] == "a blue square"
+
+
+def test_a_copied_or_renamed_model_continues_the_job(model, tmp_path):
+    out = tmp_path / "out"
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    run(model, prompts, out)
+    before = images_of(out)
+    renamed = tmp_path / "renamed"
+    shutil.copytree(model, renamed)
+    (out / "manifest.jsonl").unlink()  # the embedded parameters decide alone, as after a crash before the manifest
+    summary = run(renamed, write(tmp_path / "q.txt", PROMPTS[:3]), out)
+    assert (summary.generated, summary.already_done) == (1, 2)
+    assert {name: image for name, image in images_of(out).items() if name in before}.keys() == before.keys()
+
+
+def test_malformed_embedded_parameters_are_one_clear_error():
+    with pytest.raises(T2IError, match="malformed: unterminated quoted value"):
+        parse_parameters('a red circle\nSteps: 2, Sampler: "Euler, CFG scale: 3, Seed: 1, Size: 32x32')
 
 
 def test_parameters_text_round_trips_awkward_values():

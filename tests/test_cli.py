@@ -82,9 +82,22 @@ def test_generate_with_a_sampler_written_in_t2i(trained_run, tmp_path, sampler):
     (["generate", "--model", "{pipeline}", "a red circle", "--height", "31"], "height 31 is not a positive multiple"),
     (["train", "/nonexistent.yaml"], "config file '/nonexistent.yaml' does not exist"),
     (["train", str(TINY_CONFIG), "--set", "unet.depth=3"], "unknown config key 'unet.depth'"),
+    (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}"], "is a folder; give an image file name"),
+    (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}/v1.5"], "'.5' is not an image format PIL writes"),
+    (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}/file/x.png"], "'{tmp}/file' is a file, not a folder"),
+    (["generate", "--model", "{pipeline}", "--from-image", "{tmp}/file"], "cannot read image '{tmp}/file'"),
+    (["batch", "--merge", "{pipeline}"], "is not a batch job's output folder"),
+    (["batch", "--model", "{pipeline}", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/file"],
+     "--out '{tmp}/file' is a file; give a folder"),
+    (["batch", "--model", "{pipeline}", "--prompts", "{tmp}", "--out", "{tmp}/o"], "is a folder; give a .txt"),
+    (["batch", "--model", "{pipeline}", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/o", "--steps", "0"],
+     "--steps: steps must be at least 1, got 0"),
 ])
-def test_errors_are_one_clear_line(trained_run, capsys, args, message):
-    args = [a.replace("{pipeline}", str(trained_run / "pipeline")) for a in args]
+def test_errors_are_one_clear_line(trained_run, tmp_path, capsys, args, message):
+    (tmp_path / "file").write_text("not an image")
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    message = message.replace("{tmp}", str(tmp_path))
+    args = [a.replace("{pipeline}", str(trained_run / "pipeline")).replace("{tmp}", str(tmp_path)) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err

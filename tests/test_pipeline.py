@@ -92,6 +92,49 @@ def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
         Text2ImagePipeline.from_pretrained(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(height=0), "height 0 is not a positive multiple"),
+    (dict(width=16.0), "width must be an integer; got 16.0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer; got 2.5"),
+    (dict(num_inference_steps=0), r"num_inference_steps must be at least 1; got 0"),
+    (dict(guidance_scale="7"), "guidance_scale must be a finite number; got '7'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
+    (dict(sampler="ddim", eta=5.0), r"eta must be in \[0, 1\]; got 5.0"),
+    (dict(guidance_rescale=-0.5), r"guidance_rescale must be in \[0, 1\]"),
+    (dict(sampler="ddim", dynamic_threshold=1.5), r"dynamic_threshold is a percentile in \(0, 1\]"),
+    (dict(sampler="ddim", dynamic_threshold=0), r"dynamic_threshold is a percentile in \(0, 1\]"),
+    (dict(seed=1.0), "seed must be an int or a list of 1 ints"),
+    (dict(seed="7"), "seed must be an int or a list of 1 ints"),
+    (dict(seed=-1), r"seeds must lie in 0\.\.9223372036854775807"),
+    (dict(seed=2**70), r"seeds must lie in 0\.\."),
+    (dict(height=2**20, width=2**20), r"1048576x1048576 at batch 1 needs at least \d+ GiB to decode, more than"),
+])
+def test_arguments_of_the_wrong_type_or_range_are_refused_before_any_work(tiny_pipeline, arguments, message):
+    with pytest.raises(T2IError, match=message):
+        tiny_pipeline("a red circle", num_inference_steps=arguments.pop("num_inference_steps", 1), **arguments)
+
+
+def test_a_size_of_none_is_the_default_and_seeds_may_be_any_sequence(tiny_pipeline):
+    size = tiny_pipeline.default_size
+    assert tiny_pipeline("a", num_inference_steps=1, height=None)[0].size == (size, size)
+    first = pixels(tiny_pipeline(["a", "b"], num_inference_steps=1, seed=(3, 4)))
+    assert np.array_equal(first, pixels(tiny_pipeline(["a", "b"], num_inference_steps=1, seed=np.array([3, 4]))))
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder"])
+def test_non_finite_weights_outside_the_unet_are_named(tiny_pipeline, component):
+    module = tiny_pipeline.vae.decoder if component == "vae" else tiny_pipeline.text_encoder
+    weight = next(p for p in module.parameters() if p.ndim > 1)
+    saved = weight.detach().clone()
+    weight.data.fill_(float("nan"))
+    try:
+        with pytest.raises(T2IError, match="the VAE decoder's output is not finite" if component == "vae" else
+                           "the text encoder's token states are not finite"):
+            tiny_pipeline("a red circle", num_inference_steps=1)
+    finally:
+        weight.data.copy_(saved)
+
+
 def test_over_long_prompt_is_truncated_and_reported(tiny_pipeline, caplog):
     long_prompt = "a red circle " + "and another word " * 20
     with caplog.at_level(logging.WARNING, logger="t2i"):

@@ -126,13 +126,15 @@ def read_items(path: Path, defaults: JobDefaults, latent_factor: int) -> tuple[l
 
 def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     """(line number, raw fields) per non-blank line, and the lines that could not be read at all."""
+    if path.is_dir():
+        raise T2IError(f"prompt file '{path}' is a folder; give a .txt, .jsonl or .csv file")
     if not path.is_file():
         raise T2IError(f"prompt file '{path}' does not exist")
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
     if path.suffix not in readers:
         raise T2IError(f"prompt file '{path}' must end in .txt, .jsonl or .csv")
     try:
-        return readers[path.suffix](path.read_text(encoding="utf-8"))
+        return readers[path.suffix](path.read_text(encoding="utf-8-sig"))  # -sig: drop a byte-order mark (Excel)
     except UnicodeDecodeError as error:
         raise T2IError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
@@ -194,6 +196,16 @@ def _csv_value(name: str, cell: str):
     except ValueError:
         return cell
     return cell
+
+
+def check_defaults(defaults: JobDefaults, latent_factor: int) -> None:
+    """The job's own values (command-line options, else the pipeline's), checked once: a bad one is named as an
+    option rather than reported on every line of the prompt file that leaves the field out."""
+    try:
+        _make_item(0, {"prompt": "-"}, defaults, latent_factor, {})
+    except ValueError as error:
+        option = str(error).split()[0].replace("_", "-")
+        raise T2IError(f"--{option}: {error}") from None
 
 
 def _make_item(line: int, fields: dict, defaults: JobDefaults, latent_factor: int, repeats: dict) -> Item:

@@ -114,6 +114,9 @@ def merge_manifests(out: Path) -> list[dict]:
     """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k); drop the shards."""
     if not out.is_dir():
         raise T2IError(f"output folder '{out}' does not exist")
+    if not ((out / JOB).is_file() or (out / IMAGES).is_dir() or any(path.is_file() for path in manifest_files(out))):
+        raise T2IError(f"'{out}' is not a batch job's output folder (it has no {JOB}, {IMAGES}/ or manifest); "
+                       "give the --out folder of a t2i batch job")
     records = [record for record in all_records(out).values() if (out / record["file"]).is_file()]
     records.sort(key=lambda record: (record["id"], record["k"]))
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)

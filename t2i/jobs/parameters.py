@@ -30,6 +30,8 @@ PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 def model_hash(model_dir: Path) -> str:
     """sha256 of the U-Net weights file, truncated: cheap next to loading, and stable across copies."""
+    if not model_dir.is_dir():
+        raise T2IError(f"model folder '{model_dir}' does not exist")
     weights = sorted((model_dir / "unet").glob("*.safetensors")) or sorted((model_dir / "unet").glob("*.bin"))
     if not weights:
         raise T2IError(f"no U-Net weights file in '{model_dir / 'unet'}'")
@@ -72,12 +74,15 @@ def parse_parameters(text: str) -> dict:
 
 
 def read_png_parameters(path: Path) -> dict:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         raise T2IError(f"image '{path}' does not exist")
-    with Image.open(path) as image:
-        text = image.info.get(PNG_KEY) if image.format == "PNG" else None
+    try:
+        with Image.open(path) as image:
+            text = image.info.get(PNG_KEY) if image.format == "PNG" else None
+    except (OSError, UnidentifiedImageError) as error:
+        raise T2IError(f"cannot read image '{path}': {error}") from None
     if text is None:
         raise T2IError(f"'{path}' holds no '{PNG_KEY}' text chunk; only PNGs written by t2i batch or A1111 do")
     return parse_parameters(text)
@@ -93,4 +98,9 @@ def _quoted(value: str) -> str:
 
 def _unquoted(value: str) -> str:
     value = value.strip()
-    return json.loads(value) if value.startswith('"') else value
+    if not value.startswith('"'):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        raise T2IError(f"the image's parameters are malformed: unterminated quoted value {value!r}") from None

@@ -17,8 +17,8 @@ from pathlib import Path
 from t2i.errors import T2IError
 from t2i.jobs import outputs
 from t2i.jobs.gallery import write_gallery
-from t2i.jobs.items import ImageTask, JobDefaults, image_tasks, read_items
-from t2i.jobs.parameters import format_parameters, model_hash
+from t2i.jobs.items import ImageTask, JobDefaults, check_defaults, image_tasks, read_items
+from t2i.jobs.parameters import format_parameters, model_hash, parse_parameters
 from t2i.jobs.processes import current_processes
 from t2i.jobs.writer import ImageWriter
 
@@ -69,10 +69,13 @@ def run_batch_job(job: BatchJob) -> JobSummary:
 
     if job.batch_size < 1:
         raise T2IError(f"--batch-size must be at least 1; got {job.batch_size}")
+    if job.out.exists() and not job.out.is_dir():
+        raise T2IError(f"--out '{job.out}' is a file; give a folder for the job's images")
     processes = current_processes(job.device)
     pipe = Text2ImagePipeline.from_pretrained(job.model, device=processes.device)
     pipe.speed_up(SpeedOptions(dtype=job.dtype, compile=job.compile))
     defaults = _resolve_defaults(job, pipe)
+    check_defaults(defaults, pipe.latent_factor)
     items, problems = read_items(job.prompts, defaults, pipe.latent_factor)
     if problems:
         listing = "\n".join(f"  {job.prompts}: {problem}" for problem in problems)
@@ -125,7 +128,8 @@ def _resolve_defaults(job: BatchJob, pipe) -> JobDefaults:
         steps=job.steps if job.steps is not None else saved["num_inference_steps"],
         guidance=float(job.guidance if job.guidance is not None else saved["guidance_scale"]),
         sampler=job.sampler or saved["sampler"],
-        height=job.height or pipe.default_size, width=job.width or pipe.default_size, num_images=job.num_images)
+        height=pipe.default_size if job.height is None else job.height,
+        width=pipe.default_size if job.width is None else job.width, num_images=job.num_images)
 
 
 def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: ImageWriter,
@@ -141,9 +145,10 @@ def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: Image
             continue
         record = records.get((task.id, task.k))
         expected = writer.record(task)
-        if record is not None and all(record.get(key) == value for key, value in expected.items()):
+        # The weights' hash decides, not the model folder's name: a copied or moved model makes the same images.
+        if record is not None and all(record.get(key) == value for key, value in expected.items() if key != "model"):
             continue
-        if _embedded_parameters(path) == format_parameters(task, model["name"], model["hash"]):
+        if _made_for(_embedded_parameters(path), task, model["hash"]):
             writer.record_existing(task, path)
         else:
             stale.append(task)
@@ -152,6 +157,15 @@ def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: Image
                        f"for (first: {stale[0].file}); give changed items new ids, use another --out, or --force "
                        "to remake them")
     return pending + stale
+
+
+def _made_for(parameters: str | None, task: ImageTask, weights_hash: str) -> bool:
+    """Whether an image's embedded parameters are `task`'s with these weights, whatever its model's name was."""
+    try:
+        name = parse_parameters(parameters)["model"] if parameters else None
+    except T2IError:
+        return False
+    return name is not None and parameters == format_parameters(task, name, weights_hash)
 
 
 def _embedded_parameters(path: Path) -> str | None:

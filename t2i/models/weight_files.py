@@ -31,6 +31,9 @@ def check_component(folder: Path, root: Path, allow_pickle: bool = False) -> Non
     if pickles and not weights and not allow_pickle:
         raise T2IError(f"model folder '{root}' holds pickle weights ({_relative(pickles[0], root)}), which can run "
                        "code when loaded; convert them to safetensors, or pass --allow-pickle if you trust the file")
+    if not weights and not pickles and any(path.name == "config.json" for path in files):
+        raise T2IError(f"'{_relative(folder, root)}' in '{root}' has a config but no weights file "
+                       f"(*{SAFETENSORS_SUFFIX}); the model folder is incomplete")
     for path in files:
         if path.suffix == ".json":
             check_json(path, root)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +35,7 @@ from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
 from t2i.pipeline.upscaler import Upscaler
 
 logger = logging.getLogger("t2i")
+MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a non-negative int64
 
 
 def default_device() -> torch.device:
@@ -45,6 +49,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise T2IError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return device
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of memory on `device`: the GPU's own, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -130,7 +141,11 @@ class Text2ImagePipeline:
         """Token states (B, L, D) for `prompts`; a prompt longer than the context is truncated and reported."""
         tokens = self.text_encoder.tokenize(prompts)
         report_truncation(prompts, tokens, self.text_encoder.context_length)
-        return self.text_encoder(tokens.ids.to(self.device)).to(self.dtype)
+        states = self.text_encoder(tokens.ids.to(self.device))
+        if not torch.isfinite(states).all():
+            raise NonFiniteSample("the text encoder's token states are not finite: its weights are damaged or have "
+                                  "diverged")
+        return states.to(self.dtype)
 
     @torch.inference_mode()
     def __call__(
@@ -170,14 +185,24 @@ class Text2ImagePipeline:
         guidance = guidance_scale if guidance_scale is not None else self.defaults["guidance_scale"]
         sampler = sampler or self.defaults["sampler"]
         check_sampler(sampler)
-        if steps < 1:
-            raise T2IError(f"num_inference_steps must be at least 1; got {steps}")
-        height, width = self._check_size(height or self.default_size, width or self.default_size)
+        _check_number("num_inference_steps", steps, 1, None, integer=True)
+        _check_number("guidance_scale", guidance, None, None)
+        _check_number("eta", eta, 0, 1)
+        _check_number("guidance_rescale", guidance_rescale, 0, 1)
+        _check_number("classifier_guidance", classifier_guidance, None, None)
+        if dynamic_threshold is not None:
+            _check_number("dynamic_threshold", dynamic_threshold, None, None)
+            if not 0 < dynamic_threshold <= 1:
+                raise T2IError(f"dynamic_threshold is a percentile in (0, 1], 0.995 in Imagen; got {dynamic_threshold}")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        height, width = self._check_size(height, width)
         if upscale:
             self._require_sr().check_size(height, width)
         labels = prompt_labels(prompts, self._require_classifier().config.labels) if classifier_guidance else None
 
         batch_size = batch_size or len(prompts)
+        self._check_memory(min(batch_size, len(prompts)), height, width)
         images: list[Image.Image] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
@@ -251,9 +276,23 @@ class Text2ImagePipeline:
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
         factor = self.latent_factor
         for name, value in (("height", height), ("width", width)):
+            _check_number(name, value, None, None, integer=True)
             if value < factor or value % factor:
                 raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
         return height, width
+
+    def _check_memory(self, batch_size: int, height: int, width: int) -> None:
+        """Refuse a size whose decoding cannot fit in the device's memory at all, rather than be killed by the OS.
+
+        The estimate is a floor: three tensors of the VAE decoder's largest level (channels × pixels) per image."""
+        levels = self.vae.config.block_out_channels
+        largest = max(channels * (height >> level) * (width >> level) for level, channels in enumerate(levels))
+        needed = 3 * batch_size * largest * torch.finfo(self.dtype).bits // 8
+        available = device_memory(self.device)
+        if needed > available:
+            raise T2IError(f"{height}x{width} at batch {batch_size} needs at least {needed / 2**30:.0f} GiB to decode, "
+                           f"more than the {available / 2**30:.0f} GiB of this {self.device.type} device; use a "
+                           "smaller size or batch size")
 
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
@@ -336,7 +375,11 @@ class Text2ImagePipeline:
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
-        return _to_pil(self.vae.decode(latents.to(self.dtype)).sample)
+        pixels = self.vae.decode(latents.to(self.dtype)).sample
+        if not torch.isfinite(pixels).all():
+            raise NonFiniteSample(f"the VAE decoder's output is not finite (in {str(self.dtype).split('.')[-1]}): "
+                                  "its weights are damaged or have diverged, or overflow in this dtype")
+        return _to_pil(pixels)
 
 
 def last_step_variance(scheduler, t, variance: torch.Tensor, use_guidance: bool) -> torch.Tensor:
@@ -399,9 +442,28 @@ def _as_negative_list(negative_prompt, count: int) -> list[str]:
 def _as_seed_list(seed, count: int) -> list[int]:
     if seed is None:
         seed = int(torch.randint(0, 2**31 - count, ()).item())
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return [int(seed) + i for i in range(count)]
-    seeds = list(seed)
-    if len(seeds) != count or not all(isinstance(s, (int, np.integer)) for s in seeds):
-        raise T2IError(f"seed must be an int or a list of {count} ints (one per image); got {seed!r}")
-    return [int(s) for s in seeds]
+    if _is_integer(seed):
+        seeds = [int(seed) + i for i in range(count)]
+    else:
+        listed = list(seed) if isinstance(seed, Iterable) and not isinstance(seed, str) else []
+        if len(listed) != count or not all(_is_integer(s) for s in listed):
+            raise T2IError(f"seed must be an int or a list of {count} ints (one per image); got {seed!r}")
+        seeds = [int(s) for s in listed]
+    if not all(0 <= s <= MAX_SEED for s in seeds):
+        raise T2IError(f"seeds must lie in 0..{MAX_SEED} (2**63 - 1); got {seed!r}"
+                       + (f" for {count} images, seed + i for image i" if _is_integer(seed) and count > 1 else ""))
+    return seeds
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, low: float | None, high: float | None, integer: bool = False) -> None:
+    """One line for an argument of the wrong type or outside [low, high] (None: unbounded), before any work."""
+    kind_ok = _is_integer(value) if integer else (_is_integer(value) or isinstance(value, (float, np.floating)))
+    if not kind_ok or not math.isfinite(value):
+        raise T2IError(f"{name} must be {'an integer' if integer else 'a finite number'}; got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise T2IError(f"{name} must be {bounds}; got {value!r}")
