@@ -119,8 +119,10 @@ class VAEConfig:
     kl_weight: float = 1e-6
 
     def __post_init__(self):
+        _check_levels("vae", self.block_out_channels, self.layers_per_block, self.norm_num_groups)
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "vae.norm_num_groups must divide every entry of vae.block_out_channels")
+        _check(self.latent_channels >= 1, "vae.latent_channels must be at least 1")
 
     @property
     def latent_factor(self) -> int:
@@ -179,6 +181,8 @@ class UNetConfig:
     cross_attention: tuple[bool, ...] = (True, True)
 
     def __post_init__(self):
+        _check_levels("unet", self.block_out_channels, self.layers_per_block, self.norm_num_groups)
+        _check(self.attention_heads >= 1, "unet.attention_heads must be at least 1")
         _check(len(self.cross_attention) == len(self.block_out_channels),
                "unet.cross_attention needs one entry per unet.block_out_channels entry")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
@@ -221,6 +225,8 @@ class SRConfig:
     sampler: str = "dpmpp_2m"
 
     def __post_init__(self):
+        _check_levels("sr", self.block_out_channels, self.layers_per_block, self.norm_num_groups)
+        _check(self.attention_heads >= 1, "sr.attention_heads must be at least 1")
         _check(len(self.cross_attention) == len(self.block_out_channels),
                "sr.cross_attention needs one entry per sr.block_out_channels entry")
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
@@ -230,6 +236,7 @@ class SRConfig:
         _check(0 <= self.noise_level <= self.max_noise_level,
                "sr.noise_level must lie in [0, sr.max_noise_level]: levels the stage was trained on")
         _check(self.steps >= 1, "sr.steps must be at least 1")
+        _check_sampler("sr.sampler", self.sampler)
 
     @property
     def alignment(self) -> int:
@@ -249,7 +256,7 @@ class ClassifierConfig:
     norm_num_groups: int = 16
 
     def __post_init__(self):
-        _check(len(self.block_out_channels) >= 1, "classifier.block_out_channels needs at least one entry")
+        _check_levels("classifier", self.block_out_channels, self.layers_per_block, self.norm_num_groups)
         _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
                "classifier.norm_num_groups must divide every entry of classifier.block_out_channels")
         _check(self.layers_per_block >= 1, "classifier.layers_per_block must be at least 1")
@@ -329,6 +336,14 @@ class TrainConfig:
         _check(self.batch_size >= 1, "batch_size must be at least 1")
         _check(self.grad_accum_steps >= 1, "grad_accum_steps must be at least 1")
         _check(self.learning_rate > 0, "learning_rate must be positive")
+        _check(0.0 <= self.final_learning_rate_fraction <= 1.0, "final_learning_rate_fraction must lie in [0, 1]")
+        _check(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay must be >= 0")
+        # torch's clip_grad_norm_ takes a negative bound as a scale < 0: it would turn descent into ascent.
+        _check(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive, or null for no clipping")
+        _check(self.log_every >= 1, "log_every must be at least 1")
+        _check(self.sample_every >= 0, "sample_every must be >= 0 (0: never)")
+        _check(self.checkpoint_every >= 0, "checkpoint_every must be >= 0 (0: at the end and on a stop only)")
         _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "ema_decay must lie in (0, 1)")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1")
         _check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps must be >= 0")
@@ -396,6 +411,8 @@ class SamplingConfig:
     samples_per_prompt: int = 1
 
     def __post_init__(self):
+        _check(self.steps >= 1, "sampling.steps must be at least 1")
+        _check_sampler("sampling.sampler", self.sampler)
         _check(self.samples_per_prompt >= 1, "sampling.samples_per_prompt must be at least 1")
 
 
@@ -455,6 +472,21 @@ class RunConfig:
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_levels(section: str, block_out_channels: tuple[int, ...], layers_per_block: int,
+                  norm_num_groups: int) -> None:
+    """A network's levels: at least one, each with a positive width and at least one layer."""
+    _check(len(block_out_channels) >= 1, f"{section}.block_out_channels needs at least one entry")
+    _check(all(c >= 1 for c in block_out_channels), f"{section}.block_out_channels entries must be positive")
+    _check(layers_per_block >= 1, f"{section}.layers_per_block must be at least 1")
+    _check(norm_num_groups >= 1, f"{section}.norm_num_groups must be at least 1")
+
+
+def _check_sampler(key: str, name: str) -> None:
+    from t2i.diffusion.sampler_names import SAMPLER_NAMES
+
+    _check(name in SAMPLER_NAMES, f"{key} {name!r} is not a sampler; valid: {', '.join(SAMPLER_NAMES)}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

@@ -123,12 +123,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file '{path}' is a folder; give a YAML file, such as configs/tiny.yaml")
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
+    if data is None:  # an empty file would silently run every default, the 20,000-image shapes set included
+        raise ConfigError(f"config file '{path}' is empty; start from one of configs/*.yaml")
     if not isinstance(data, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
     return data

@@ -59,6 +59,16 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     ("stages=[vae, srr]", "'stages\\[1\\]' must be one of 'vae', 'clip', 'unet', 'sr'"),
     ("train.unet", "must look like key.subkey=value"),
     ("unet.block_out_channels.x=1", "'unet.block_out_channels' is not a section"),
+    ("train.unet.grad_clip=-1", "train.unet: grad_clip must be positive, or null for no clipping"),
+    ("train.unet.log_every=0", "train.unet: log_every must be at least 1"),
+    ("train.vae.warmup_steps=-1", "train.vae: warmup_steps must be >= 0"),
+    ("train.vae.final_learning_rate_fraction=2", "final_learning_rate_fraction must lie in \\[0, 1\\]"),
+    ("vae.block_out_channels=[]", "vae.block_out_channels needs at least one entry"),
+    ("unet.layers_per_block=0", "unet.layers_per_block must be at least 1"),
+    ("unet.attention_heads=0", "unet.attention_heads must be at least 1"),
+    ("sampling.steps=0", "sampling.steps must be at least 1"),
+    ("sampling.sampler=fast", "sampling.sampler 'fast' is not a sampler; valid: ddpm"),
+    ("sr.sampler=fast", "sr.sampler 'fast' is not a sampler"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -72,6 +82,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("unet: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match="is empty; start from one of configs/"):
+        load_config(tmp_path / "empty.yaml")
+    with pytest.raises(ConfigError, match="is a folder; give a YAML file"):
+        load_config(tmp_path)
 
 
 def test_pretrained_text_encoder_needs_its_paths_and_no_clip_stage():

@@ -274,3 +274,21 @@ def test_gradient_checkpointing_trains_to_the_same_weights(trained_run, tmp_path
             *settings, f"run_dir={tmp_path / name}", f"finetune.gradient_checkpointing={checkpointing}"]))
     plain, checkpointed = (load_file(tmp_path / name / FINETUNED) for name in ("plain", "checkpointed"))
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_a_lora_rank_above_every_adapted_layers_rank_is_refused():
+    from conftest import build_tiny_pipeline
+
+    from t2i.config import LoRAConfig
+    from t2i.training.stages.finetune import add_lora
+
+    unet = build_tiny_pipeline().unet
+    widest = max(min(m.in_features, m.out_features) for name, m in unet.named_modules()
+                 if name.endswith(("to_q", "to_k", "to_v", "to_out.0")))
+    with pytest.raises(T2IError, match=f"rank {widest + 1} is more than the full rank of every adapted layer "
+                                       f"\\(at most {widest} here\\)"):
+        add_lora(unet, LoRAConfig(rank=widest + 1))
+    with pytest.raises(T2IError, match="name no linear layer"):
+        add_lora(unet, LoRAConfig(rank=2, target_modules=("to_qq",)))
+    add_lora(unet, LoRAConfig(rank=widest))
+    assert any("lora" in name for name, _ in unet.named_parameters())

@@ -1,6 +1,7 @@
 """The shared training loop: every stage runs, checkpoints are complete, and resuming is exact."""
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,6 +72,58 @@ def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path):
 def test_an_existing_run_needs_resume(trained_run):
     with pytest.raises(T2IError, match="already holds a run; pass --resume"):
         run_training(tiny_config(trained_run))
+
+
+def _run_folder(tmp_path: Path, started=(), finished=(), **settings) -> tuple[Path, dict]:
+    """A run folder whose config.yaml holds `settings` (nested dicts), with stage folders begun or finished."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(settings))
+    for stage in (*started, *finished):
+        (run_dir / stage).mkdir()
+    for stage in finished:
+        (run_dir / stage / "final").mkdir()
+    return run_dir, settings
+
+
+def test_a_folder_of_other_files_or_with_a_run_is_refused_and_a_failed_start_may_start_again(tmp_path):
+    from t2i.training.run_folder import check_run_folder
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(T2IError, match=r"already holds other files \(notes.txt\); give a new or empty folder"):
+        check_run_folder(tmp_path / "mine", {}, resume=False)
+    run_dir, settings = _run_folder(tmp_path, train={"unet": {"steps": 6}})  # stopped before any stage began
+    assert check_run_folder(run_dir, {"train": {"unet": {"steps": 9}}}, resume=False) is None
+    (run_dir / "unet").mkdir()
+    with pytest.raises(T2IError, match="already holds a run; pass --resume to continue it, or choose another"):
+        check_run_folder(run_dir, settings, resume=False)
+    assert "nothing to resume" in check_run_folder(tmp_path / "new", settings, resume=True)
+
+
+def test_a_resume_with_settings_that_change_the_training_is_refused(tmp_path):
+    from t2i.training.run_folder import check_run_folder
+
+    run_dir, settings = _run_folder(tmp_path, started=["unet"], finished=["vae"], data={"path": "a"},
+                                    train={"unet": {"learning_rate": 1e-4, "steps": 300, "log_every": 10},
+                                           "sr": {"learning_rate": 1e-3}}, sampling={"steps": 30}, stages=["vae"])
+    changed = {**settings, "train": {**settings["train"], "unet": {**settings["train"]["unet"],
+                                                                   "learning_rate": 5e-3}}}
+    with pytest.raises(T2IError, match=r"started with other settings: train.unet.learning_rate was 0.0001, now "
+                                       r"0.005\. A resumed run continues the same training"):
+        check_run_folder(run_dir, changed, resume=True)
+    with pytest.raises(T2IError, match="data.path was 'a', now 'b'"):
+        check_run_folder(run_dir, {**settings, "data": {"path": "b"}}, resume=True)
+    free = {**settings, "train": {"unet": {**settings["train"]["unet"], "log_every": 1}, "sr": {"learning_rate": 1}},
+            "sampling": {"steps": 20}, "stages": ["vae", "unet", "sr"]}  # sr has not started
+    assert check_run_folder(run_dir, free, resume=True) is None
+    longer = {**settings, "train": {**settings["train"], "unet": {**settings["train"]["unet"], "steps": 400}}}
+    assert check_run_folder(run_dir, longer, resume=True) == "train.unet.steps: 300 -> 400"
+    (run_dir / "unet" / "final").mkdir()
+    with pytest.raises(T2IError, match="stage unet in '.*' finished at 300 steps, and --resume does not extend"):
+        check_run_folder(run_dir, longer, resume=True)
 
 
 def test_resume_skips_finished_stages(trained_run, capsys):

@@ -55,6 +55,7 @@ from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
+from t2i.training.run_folder import CONFIG, check_run_folder
 from t2i.training.stages.classifier import ClassifierStage
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
@@ -148,23 +149,19 @@ def _run_folder_locked(run_dir: Path, processes: PartialState):
             run_lock.release(lock)
 
 
-def _holds_a_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any(not p.name.startswith(run_lock.LOCK_NAME) for p in run_dir.iterdir())
-
-
 def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_weights_only: bool,
                   stop: StopRequest) -> Path:
     run_dir = Path(config.run_dir)
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
     processes = PartialState(cpu=device.type == "cpu")
-    if _holds_a_run(run_dir) and not resume:
-        raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
-                       "another folder with --set run_dir=...")
-    processes.wait_for_everyone()
     resolved = to_dict(config)
+    note = check_run_folder(run_dir, resolved, resume)
+    if note is not None and processes.is_main_process:
+        print(f"[run] {note}")
+    processes.wait_for_everyone()
     if processes.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (run_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
     inputs = StageInputs(config, run_dir, dataset, validation, device)
 

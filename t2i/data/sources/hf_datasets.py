@@ -35,7 +35,8 @@ def load_table(path: str, split: str) -> datasets.Dataset:
     except T2IError:
         raise
     except Exception as error:  # `datasets` raises many types: missing folders, no network, bad files
-        raise T2IError(f"data.path '{path}' could not be loaded as a datasets dataset: {error}") from None
+        where = "" if local.exists() else " (no folder or file of that name is here, so the Hub was asked)"
+        raise T2IError(f"data.path '{path}' could not be loaded as a datasets dataset{where}: {error}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise T2IError(f"data.split '{split}' is not in '{path}'; it has {', '.join(loaded)}")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from t2i.config import DiffusionConfig, FinetuneConfig, LoRAConfig
 from t2i.data.loader import batch_to_device
+from t2i.errors import T2IError
 from t2i.models.text_encoder import HFClipTextEncoder, OpenClipTextEncoder, TextEncoder
 from t2i.pipeline import Text2ImagePipeline
 from t2i.training.randomness import BatchRandomness
@@ -35,9 +36,23 @@ def _lora_config(lora: LoRAConfig, target_modules: list[str]):
 
 def add_lora(unet: UNet2DConditionModel, lora: LoRAConfig) -> UNet2DConditionModel:
     """Freeze `unet` and give it trainable low-rank adapters (A random, B zero: the model starts unchanged)."""
+    check_rank(unet, lora)
     unet.requires_grad_(False)
     unet.add_adapter(_lora_config(lora, list(lora.target_modules)))
     return unet
+
+
+def check_rank(model: nn.Module, lora: LoRAConfig) -> None:
+    """Refuse a rank above every adapted layer's full rank: it adds parameters (and memory) but no capacity."""
+    ranks = [min(module.in_features, module.out_features) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and any(name == target or name.endswith("." + target)
+                                                      for target in lora.target_modules)]
+    if not ranks:
+        raise T2IError(f"finetune.lora.target_modules ({', '.join(lora.target_modules)}) name no linear layer of the "
+                       "U-Net")
+    if lora.rank > max(ranks):
+        raise T2IError(f"finetune.lora.rank {lora.rank} is more than the full rank of every adapted layer (at most "
+                       f"{max(ranks)} here): use a rank of at most {max(ranks)}, or 0 to fine-tune the whole U-Net")
 
 
 def add_text_encoder_lora(text_encoder: TextEncoder, lora: LoRAConfig) -> TextEncoder:

@@ -1,0 +1,109 @@
+"""What a run folder holds, and whether a run may start or resume in it with a given config.
+
+A folder holds a run once a stage has started training in it (a stage folder exists). A folder holding only the
+config.yaml of a run that stopped before any training (a wrong model path, unreadable data) may start afresh. A
+resumed run continues the same computation, so its settings must be those it was started with, except settings
+that do not change what is computed (logging, checkpoints, workers, device, compilation, the stage list, the saved
+sampling defaults), settings read only by stages not yet started, and the step count of a stage not yet finished,
+which moves where it ends.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from t2i.errors import T2IError
+from t2i.training import run_lock
+from t2i.training.loop import FINAL
+
+CONFIG = "config.yaml"
+STAGE_FOLDERS = ("vae", "clip", "unet", "sr", "finetune", "classifier")
+# Settings free to change on resume: by the last part of their dotted key, or whole.
+FREE_SETTINGS = {"log_every", "sample_every", "sample_at_start", "checkpoint_every", "keep_checkpoints",
+                 "loader_workers", "max_nonfinite_steps", "compile"}
+FREE_KEYS = {"run_dir", "device", "latent_cache_dir", "stages"}
+FREE_SECTIONS = {"sampling"}
+# The stages that read a config section (by the first part of a key); a section not listed is read by all.
+READERS = {"vae": {"vae"}, "text_encoder": {"clip"}, "unet": {"unet"}, "sr": {"sr"}, "classifier": {"classifier"},
+           "finetune": {"finetune"}, "diffusion": {"unet", "sr", "classifier", "finetune"},
+           "cache_latents": {"unet", "sr", "finetune"}, "cache_text_states": {"unet", "sr", "finetune"}}
+SHOWN_CHANGES = 3
+
+
+def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
+    """Refuse a folder this run must not start or resume in; return a note to print, or None."""
+    started = [name for name in STAGE_FOLDERS if (run_dir / name).is_dir()]
+    if not resume:
+        if started:
+            raise T2IError(f"run folder '{run_dir}' already holds a run; pass --resume to continue it, or choose "
+                           "another run folder")
+        others = _other_files(run_dir)
+        if others:
+            raise T2IError(f"run folder '{run_dir}' already holds other files ({', '.join(others)}); give a new or "
+                           "empty folder for the run")
+        return None
+    if not started:
+        return f"nothing to resume in '{run_dir}' yet: starting the run"
+    previous = _previous_config(run_dir)
+    if previous is None:
+        return None
+    changes = [change for change in _changes(previous, resolved) if not _free(change[0], set(started))]
+    steps = {key: change for key, *change in changes if _is_steps(key)}
+    finished = [key for key in steps if (run_dir / key.split(".")[1] / FINAL).is_dir()]
+    if finished:
+        stage = finished[0].split(".")[1]
+        raise T2IError(f"stage {stage} in '{run_dir}' finished at {steps[finished[0]][0]} steps, and --resume does "
+                       f"not extend a finished stage; to train further, start a new run from its pipeline "
+                       f"('{run_dir / 'pipeline'}')")
+    others = [change for change in changes if not _is_steps(change[0])]
+    if others:
+        listing = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in others[:SHOWN_CHANGES])
+        more = f" (and {len(others) - SHOWN_CHANGES} more)" if len(others) > SHOWN_CHANGES else ""
+        raise T2IError(f"run folder '{run_dir}' was started with other settings: {listing}{more}. A resumed run "
+                       f"continues the same training: resume with the settings in '{run_dir / CONFIG}', or start a "
+                       "new run in another folder")
+    if steps:
+        return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in steps.items())
+    return None
+
+
+def _other_files(run_dir: Path) -> list[str]:
+    """What a folder holds besides a previous start's config.yaml and the lock: none in a new or empty folder."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(path.name for path in run_dir.iterdir()
+                  if path.name != CONFIG and not path.name.startswith(run_lock.LOCK_NAME))[:SHOWN_CHANGES]
+
+
+def _previous_config(run_dir: Path) -> dict | None:
+    try:
+        previous = yaml.safe_load((run_dir / CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _changes(old: dict, new: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) for every leaf that differs."""
+    changes = []
+    for key in sorted(set(old) | set(new), key=str):
+        before, after, dotted = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(before, dict) and isinstance(after, dict):
+            changes.extend(_changes(before, after, dotted + "."))
+        elif before != after:
+            changes.append((dotted, before, after))
+    return changes
+
+
+def _free(key: str, started: set[str]) -> bool:
+    parts = key.split(".")
+    if key in FREE_KEYS or parts[0] in FREE_SECTIONS or parts[-1] in FREE_SETTINGS:
+        return True
+    readers = {parts[1]} if parts[0] == "train" and len(parts) > 1 else READERS.get(parts[0], set(STAGE_FOLDERS))
+    return not readers & started
+
+
+def _is_steps(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) == 3 and parts[0] == "train" and parts[2] == "steps"
