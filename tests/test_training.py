@@ -96,6 +96,7 @@ def test_a_folder_of_other_files_or_with_a_run_is_refused_and_a_failed_start_may
     with pytest.raises(T2IError, match=r"already holds other files \(notes.txt\); give a new or empty folder"):
         check_run_folder(tmp_path / "mine", {}, resume=False)
     run_dir, settings = _run_folder(tmp_path, train={"unet": {"steps": 6}})  # stopped before any stage began
+    (run_dir / "quarantine.jsonl").write_text("")
     assert check_run_folder(run_dir, {"train": {"unet": {"steps": 9}}}, resume=False) is None
     (run_dir / "unet").mkdir()
     with pytest.raises(T2IError, match="already holds a run; pass --resume to continue it, or choose another"):

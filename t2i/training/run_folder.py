@@ -1,7 +1,8 @@
 """What a run folder holds, and whether a run may start or resume in it with a given config.
 
 A folder holds a run once a stage has started training in it (a stage folder exists). A folder holding only the
-config.yaml of a run that stopped before any training (a wrong model path, unreadable data) may start afresh. A
+config.yaml (and data scan report) of a run that stopped before any training (a wrong model path, unreadable data)
+may start afresh. A
 resumed run continues the same computation, so its settings must be those it was started with, except settings
 that do not change what is computed (logging, checkpoints, workers, device, compilation, the stage list, the saved
 sampling defaults), settings read only by stages not yet started, and the step count of a stage not yet finished,
@@ -13,11 +14,13 @@ from pathlib import Path
 
 import yaml
 
+from t2i.data.quarantine import QUARANTINE_FILE
 from t2i.errors import T2IError
 from t2i.training import run_lock
 from t2i.training.loop import FINAL
 
 CONFIG = "config.yaml"
+FAILED_START_FILES = {CONFIG, QUARANTINE_FILE}  # what a run writes before its first stage begins
 STAGE_FOLDERS = ("vae", "clip", "unet", "sr", "finetune", "classifier")
 # Settings free to change on resume: by the last part of their dotted key, or whole.
 FREE_SETTINGS = {"log_every", "sample_every", "sample_at_start", "checkpoint_every", "keep_checkpoints",
@@ -69,11 +72,12 @@ def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
 
 
 def _other_files(run_dir: Path) -> list[str]:
-    """What a folder holds besides a previous start's config.yaml and the lock: none in a new or empty folder."""
+    """What a folder holds besides a failed start's files and the lock: none in a new or empty folder."""
     if not run_dir.is_dir():
         return []
     return sorted(path.name for path in run_dir.iterdir()
-                  if path.name != CONFIG and not path.name.startswith(run_lock.LOCK_NAME))[:SHOWN_CHANGES]
+                  if path.name not in FAILED_START_FILES and not path.name.startswith(run_lock.LOCK_NAME)
+                  )[:SHOWN_CHANGES]
 
 
 def _previous_config(run_dir: Path) -> dict | None:
