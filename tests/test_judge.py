@@ -1,4 +1,5 @@
 """Tests for the model-free judge (t2i.eval.judge) on rendered shapes images."""
+import json
 
 import numpy as np
 import pytest
@@ -183,3 +184,13 @@ def test_summarize_per_category_and_overall():
         summarize([right], [])
     with pytest.raises(ValueError, match="all"):
         summarize([right], ["all"])
+
+
+def test_loss_curves_skip_records_without_a_training_loss(tmp_path):
+    from t2i.eval.report import loss_curves
+
+    (tmp_path / "sr").mkdir()
+    lines = [{"step": 1, "loss": 0.5}, {"step": 2, "psnr": 30.7}, {"step": 2, "loss": 0.4}, {"step": 3, "loss": None}]
+    (tmp_path / "sr" / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert loss_curves(tmp_path, ["sr"]).width > 0
+    assert loss_curves(tmp_path, ["vae"]) is None

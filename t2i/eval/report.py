@@ -35,7 +35,9 @@ def loss_curves(run_dir: Path, stages: list[str]) -> Image.Image | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {stage: read_metrics(run_dir / stage / "metrics.jsonl") for stage in stages}
+    # Stages also log records of their own (an SR stage's PSNR, a held-out loss) between the training losses.
+    curves = {stage: [r for r in read_metrics(run_dir / stage / "metrics.jsonl") if r.get("loss") is not None]
+              for stage in stages}
     curves = {stage: records for stage, records in curves.items() if records}
     if not curves:
         return None
