@@ -80,3 +80,16 @@ def test_damaged_file_is_one_line_naming_it(pristine, tmp_path, capsys, source, 
     errors = [line for line in err.splitlines() if line.startswith("t2i generate: error:")]
     assert len(errors) == 1 and file in errors[0], err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("source, component", [("t2i", "vae"), ("t2i", "unet"), ("sd", "text_encoder")])
+def test_a_missing_weights_file_is_one_line_naming_its_folder(pristine, tmp_path, capsys, source, component):
+    folder = tmp_path / "model"
+    shutil.copytree(pristine[source], folder)
+    for weights in (folder / component).glob("*.safetensors"):
+        weights.unlink()
+    assert main(["generate", "--model", str(folder), "a red circle", "--steps", "1",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{component}' in '{folder}' has a config but no weights file" in err
+    assert "Traceback" not in err and "An error occurred" not in err
