@@ -97,6 +97,7 @@ def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
     (dict(width=16.0), "width must be an integer; got 16.0"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be an integer; got 2.5"),
     (dict(num_inference_steps=0), r"num_inference_steps must be at least 1; got 0"),
+    (dict(num_inference_steps=10**400), "more than the 1000 timesteps the model was trained on"),
     (dict(guidance_scale="7"), "guidance_scale must be a finite number; got '7'"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number"),
     (dict(sampler="ddim", eta=5.0), r"eta must be in \[0, 1\]; got 5.0"),

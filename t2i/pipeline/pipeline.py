@@ -186,6 +186,10 @@ class Text2ImagePipeline:
         sampler = sampler or self.defaults["sampler"]
         check_sampler(sampler)
         _check_number("num_inference_steps", steps, 1, None, integer=True)
+        trained = self.scheduler_config["num_train_timesteps"]
+        if sampler not in SCORE_SAMPLERS and steps > trained:
+            raise T2IError(f"num_inference_steps {steps} is more than the {trained} timesteps the model was trained on; "
+                           f"sampler {sampler!r} takes at most {trained}")
         _check_number("guidance_scale", guidance, None, None)
         _check_number("eta", eta, 0, 1)
         _check_number("guidance_rescale", guidance_rescale, 0, 1)
@@ -462,7 +466,7 @@ def _is_integer(value) -> bool:
 def _check_number(name: str, value, low: float | None, high: float | None, integer: bool = False) -> None:
     """One line for an argument of the wrong type or outside [low, high] (None: unbounded), before any work."""
     kind_ok = _is_integer(value) if integer else (_is_integer(value) or isinstance(value, (float, np.floating)))
-    if not kind_ok or not math.isfinite(value):
+    if not kind_ok or (not _is_integer(value) and not math.isfinite(value)):
         raise T2IError(f"{name} must be {'an integer' if integer else 'a finite number'}; got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low}" if high is None else f"in [{low}, {high}]"
