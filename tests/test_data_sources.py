@@ -74,6 +74,25 @@ def test_too_many_bad_files_stop_the_run_after_writing_the_quarantine(tmp_path):
     build_datasets(data_config(folder.root, max_bad_fraction=0.45))
 
 
+def test_each_scan_rewrites_the_quarantine_whole(tmp_path):
+    """A run stopped by bad files, then rerun (as with --resume) after they are fixed, lists only what is still bad."""
+    folder = clean_folder(tmp_path, count=6, metadata="sidecar")
+    for name in ("bad_1.png", "bad_2.png"):
+        (folder.root / name).write_text("not an image")
+        (folder.root / name).with_suffix(".txt").write_text("a caption")
+    with pytest.raises(T2IError, match="2 of 8 entries are bad"):
+        build_datasets(data_config(folder.root), tmp_path / "run")
+    assert quarantined(tmp_path / "run") == {"bad_1.png": "not an image", "bad_2.png": "not an image"}
+    for path in folder.root.glob("bad_1.*"):
+        path.unlink()
+    build_datasets(data_config(folder.root, max_bad_fraction=0.5), tmp_path / "run")
+    assert quarantined(tmp_path / "run") == {"bad_2.png": "not an image"}
+    for path in folder.root.glob("bad_2.*"):
+        path.unlink()
+    _, _, report = build_datasets(data_config(folder.root), tmp_path / "run")
+    assert report.skipped == {} and not (tmp_path / "run" / "quarantine.jsonl").exists()
+
+
 def test_every_rank_keeps_the_same_entries_and_only_the_main_one_writes(tmp_path):
     folder = planted_folder(tmp_path)
     config = data_config(folder.root, max_bad_fraction=1.0)

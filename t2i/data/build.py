@@ -3,7 +3,7 @@
     train, validation, report = build_datasets(config.data, run_dir)
 
 Map-style sources (imagefolder, datasets) are listed in sorted order and checked up front (`t2i.data.scan`);
-the bad entries go to run_dir/quarantine.jsonl, one line says what was kept and skipped, and the build stops
+the bad entries go to run_dir/quarantine.jsonl, rewritten whole by every scan, one line says what was kept and skipped, and the build stops
 when more than `data.max_bad_fraction` is bad. Tar shards (webdataset) are streamed and checked as they are
 met (`t2i.data.sources.webdataset.ShardStream`); use `t2i.data.loader.train_batches` to batch any of them. Nothing depends on the process's rank, so every rank of a
 multi-process run keeps the same samples in the same order. Items are {"pixel_values", "caption", "index"},
@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from t2i.config import DataConfig
 from t2i.data.buckets import assign_buckets, bucket_shapes
 from t2i.data.image_captions import ImageCaptionDataset
-from t2i.data.quarantine import QUARANTINE_FILE, Quarantine, ScanReport
+from t2i.data.quarantine import QUARANTINE_FILE, Quarantine, ScanReport, write_quarantine
 from t2i.data.scan import scan
 from t2i.data.shapes import ShapesDataset
 from t2i.data.sources.entry import Entry
@@ -48,8 +48,7 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     process makes the same datasets and the same report.
     """
     quarantine_path = run_dir / QUARANTINE_FILE if run_dir is not None else None
-    quarantine = Quarantine(quarantine_path if main_process else None)
-    train, validation, report = _BUILDERS[config.dataset](config, quarantine)
+    train, validation, report = _BUILDERS[config.dataset](config, quarantine_path if main_process else None)
     report.quarantine_path = quarantine_path
     if main_process:
         print(report.summary(), flush=True)
@@ -58,7 +57,7 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     return train, validation, report
 
 
-def _shapes(config: DataConfig, quarantine: Quarantine) -> Datasets:
+def _shapes(config: DataConfig, quarantine_path: Path | None) -> Datasets:
     dataset = ShapesDataset(size=config.size, resolution=config.resolution, seed=config.seed,
                             held_out=config.held_out_pairs, two_object_fraction=config.two_object_fraction,
                             paraphrase_prob=config.paraphrase_prob, partial_caption_prob=config.partial_caption_prob,
@@ -66,19 +65,20 @@ def _shapes(config: DataConfig, quarantine: Quarantine) -> Datasets:
     return dataset, None, ScanReport(kept=len(dataset))
 
 
-def _imagefolder(config: DataConfig, quarantine: Quarantine) -> Datasets:
-    return _scanned(list_imagefolder(Path(config.path), config.caption_column), config, quarantine)
+def _imagefolder(config: DataConfig, quarantine_path: Path | None) -> Datasets:
+    return _scanned(list_imagefolder(Path(config.path), config.caption_column), config, quarantine_path)
 
 
-def _hf_datasets(config: DataConfig, quarantine: Quarantine) -> Datasets:
+def _hf_datasets(config: DataConfig, quarantine_path: Path | None) -> Datasets:
     from t2i.data.sources.hf_datasets import list_hf_dataset  # imports `datasets` only when asked for
 
     entries = list_hf_dataset(config.path, config.image_column, config.caption_column, config.split)
-    return _scanned(entries, config, quarantine)
+    return _scanned(entries, config, quarantine_path)
 
 
-def _webdataset(config: DataConfig, quarantine: Quarantine) -> Datasets:
+def _webdataset(config: DataConfig, quarantine_path: Path | None) -> Datasets:
     shards = list_shards(Path(config.path))
+    quarantine = Quarantine(quarantine_path)
     options = StreamOptions(config.resolution, config.crop, config.random_flip, config.seed, config.shuffle_buffer,
                             config.smallest_image_side, config.max_caption_length, config.max_bad_fraction,
                             config.validation_fraction)
@@ -88,8 +88,11 @@ def _webdataset(config: DataConfig, quarantine: Quarantine) -> Datasets:
     return train, validation, ScanReport(kept=0, shards=len(shards))
 
 
-def _scanned(entries: list[Entry], config: DataConfig, quarantine: Quarantine) -> Datasets:
+def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | None) -> Datasets:
+    quarantine = Quarantine()
     samples = scan(entries, config.smallest_image_side, config.max_caption_length, quarantine)
+    if quarantine_path is not None:
+        write_quarantine(quarantine_path, quarantine.entries)
     report = ScanReport(kept=len(samples), skipped=quarantine.counts)
     train_samples, validation_samples = split_validation(samples, config.validation_fraction)
     shapes = None
@@ -104,7 +107,8 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine: Quarantine) -
     return train, validation, report
 
 
-_BUILDERS: dict[str, Callable[[DataConfig, Quarantine], Datasets]] = {
+# Each builder is given the quarantine file to write, or None on the processes that write nothing.
+_BUILDERS: dict[str, Callable[[DataConfig, Path | None], Datasets]] = {
     "shapes": _shapes,
     "imagefolder": _imagefolder,
     "datasets": _hf_datasets,

@@ -2,6 +2,10 @@
 
     run_dir/quarantine.jsonl    one JSON object per bad entry: {"file": ..., "reason": ...[, "detail": ...]}
 
+A map-style source is scanned whole at every start, so its quarantine.jsonl is rewritten whole by each scan
+(`write_quarantine`): it lists what the current files hold, never what a run before them found. A stream meets its
+entries as it goes, so its file grows as they are met (`Quarantine` with a path).
+
 The reasons are the fixed strings below, so that reports can count them and tests can match them.
 """
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from t2i.atomic import write_file
 from t2i.errors import T2IError
 
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -58,7 +63,7 @@ class QuarantineEntry:
 
 
 class Quarantine:
-    """Collects bad entries, each (file, reason) once; with a path, appends each to quarantine.jsonl as it is met.
+    """Collects bad entries, each (file, reason) once; with a path (a stream's), appends each to it as it is met.
 
     A streamed source meets the same bad member every epoch: it is counted and written once. Entries already in
     an existing file (a resumed run) are not written twice. Pass `path=None` on every process but the main one:
@@ -99,6 +104,16 @@ class Quarantine:
     @property
     def counts(self) -> Counter[str]:
         return Counter(entry.reason for entry in self.entries)
+
+
+def write_quarantine(path: Path, entries: list[QuarantineEntry]) -> None:
+    """Replace the file at `path` with a scan's `entries` in one rename, or remove it when there are none."""
+    if not entries:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with write_file(path) as draft:
+        draft.write_text("".join(entry.to_json() + "\n" for entry in entries), encoding="utf-8")
 
 
 @dataclass
