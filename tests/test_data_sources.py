@@ -10,7 +10,7 @@ from t2i.data.build import build_datasets
 from t2i.errors import ConfigError, T2IError
 
 from conftest import REPO
-from data_fixtures import clean_folder, planted_folder
+from data_fixtures import clean_folder, good_images, planted_folder
 
 
 def data_config(path, **options) -> DataConfig:
@@ -53,6 +53,23 @@ def test_each_caption_layout_reads_every_image(tmp_path, metadata):
     assert {s.name: s.caption for s in train.samples} == folder.good
     assert report.skipped == {} and not (tmp_path / "run" / "quarantine.jsonl").exists()
     assert [s.name for s in train.samples] == sorted(folder.good)
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv"])
+def test_images_the_metadata_leaves_out_are_counted_and_named_but_not_bad(tmp_path, capsys, metadata):
+    folder = clean_folder(tmp_path, count=6, metadata=metadata)
+    unlisted = good_images(folder.root, count=5, prefix="unlisted")
+    train, _, report = build_datasets(data_config(folder.root), tmp_path / "run")  # 5 of 11 left out: no error
+    assert {sample.name for sample in train.samples} == set(folder.good)
+    assert report.skipped == {"not in metadata": 5}
+    assert quarantined(tmp_path / "run") == dict.fromkeys(unlisted, "not in metadata")
+    assert capsys.readouterr().out.splitlines() == [
+        f"data: 6 images, 5 skipped (5 not in metadata); see {tmp_path / 'run' / 'quarantine.jsonl'}",
+        "data: 5 images in the folder are not in its metadata file and were left out: unlisted_000.png, "
+        "unlisted_001.png, unlisted_002.jpg and 2 more"]
+    (folder.root / f"metadata.{metadata}").write_text("file_name,text\n" if metadata == "csv" else "")
+    with pytest.raises(T2IError, match="every entry was skipped .*; nothing is left to train on"):
+        build_datasets(data_config(folder.root), tmp_path / "run")
 
 
 def test_structural_problems_stop_with_one_line(tmp_path):

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from t2i.config import DataConfig
 from t2i.data.buckets import assign_buckets, bucket_shapes
 from t2i.data.image_captions import ImageCaptionDataset
-from t2i.data.quarantine import QUARANTINE_FILE, Quarantine, ScanReport, write_quarantine
+from t2i.data.quarantine import QUARANTINE_FILE, Quarantine, ScanReport, left_out_notes, write_quarantine
 from t2i.data.scan import scan
 from t2i.data.shapes import ShapesDataset
 from t2i.data.sources.entry import Entry
@@ -51,7 +51,7 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     train, validation, report = _BUILDERS[config.dataset](config, quarantine_path if main_process else None)
     report.quarantine_path = quarantine_path
     if main_process:
-        print(report.summary(), flush=True)
+        print("\n".join([report.summary(), *report.notes]), flush=True)
     if report.shards is None:  # a stream checks as it goes (t2i.data.sources.webdataset)
         report.check(config.max_bad_fraction)
     return train, validation, report
@@ -93,7 +93,7 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
     samples = scan(entries, config.smallest_image_side, config.max_caption_length, quarantine)
     if quarantine_path is not None:
         write_quarantine(quarantine_path, quarantine.entries)
-    report = ScanReport(kept=len(samples), skipped=quarantine.counts)
+    report = ScanReport(kept=len(samples), skipped=quarantine.counts, notes=left_out_notes(quarantine.entries))
     train_samples, validation_samples = split_validation(samples, config.validation_fraction)
     shapes = None
     if config.buckets.enabled:

@@ -6,7 +6,9 @@ A map-style source is scanned whole at every start, so its quarantine.jsonl is r
 (`write_quarantine`): it lists what the current files hold, never what a run before them found. A stream meets its
 entries as it goes, so its file grows as they are met (`Quarantine` with a path).
 
-The reasons are the fixed strings below, so that reports can count them and tests can match them.
+The reasons are the fixed strings below, so that reports can count them and tests can match them. The reasons in
+`LEFT_OUT` name files that are not broken, only not part of the data as the folder describes it: they are counted
+and listed all the same, each kind in a note of its own, but not against `data.max_bad_fraction`.
 """
 from __future__ import annotations
 
@@ -39,6 +41,15 @@ CAPTION_TOO_LONG = "caption too long"
 BAD_METADATA_ROW = "unreadable metadata row"
 # Tar shards
 UNREADABLE_SHARD = "unreadable shard"
+# Left out
+NOT_IN_METADATA = "not in metadata"
+
+# Each left-out reason's note, for one entry and for several; a metadata file may list a chosen subset on purpose.
+LEFT_OUT = {
+    NOT_IN_METADATA: ("image in the folder is not in its metadata file and was left out",
+                      "images in the folder are not in its metadata file and were left out"),
+}
+NAMES_IN_A_NOTE = 3
 
 
 class Rejected(Exception):
@@ -106,6 +117,18 @@ class Quarantine:
         return Counter(entry.reason for entry in self.entries)
 
 
+def left_out_notes(entries: list[QuarantineEntry]) -> list[str]:
+    """One line for each left-out reason met: how many, why, and the first few names."""
+    notes = []
+    for reason, (one, several) in LEFT_OUT.items():
+        names = [entry.file for entry in entries if entry.reason == reason]
+        if names:
+            shown = ", ".join(names[:NAMES_IN_A_NOTE])
+            more = f" and {len(names) - NAMES_IN_A_NOTE} more" if len(names) > NAMES_IN_A_NOTE else ""
+            notes.append(f"data: {len(names)} {one if len(names) == 1 else several}: {shown}{more}")
+    return notes
+
+
 def write_quarantine(path: Path, entries: list[QuarantineEntry]) -> None:
     """Replace the file at `path` with a scan's `entries` in one rename, or remove it when there are none."""
     if not entries:
@@ -118,39 +141,45 @@ def write_quarantine(path: Path, entries: list[QuarantineEntry]) -> None:
 
 @dataclass
 class ScanReport:
-    """What a scan of the data found: good entries kept, bad ones skipped by reason."""
+    """What a scan of the data found: good entries kept, bad and left-out ones skipped by reason."""
 
     kept: int
     skipped: Counter[str] = field(default_factory=Counter)
     quarantine_path: Path | None = None
     # Set for a streamed source: its entries are checked as they are met, so at start only the shards are known.
     shards: int | None = None
+    notes: list[str] = field(default_factory=list)  # printed after the summary: the left-out files
+
+    @property
+    def bad(self) -> int:
+        return sum(count for reason, count in self.skipped.items() if reason not in LEFT_OUT)
 
     @property
     def total(self) -> int:
-        return self.kept + sum(self.skipped.values())
+        """The entries that count towards the bad fraction: the kept and the bad, not the left out."""
+        return self.kept + self.bad
 
     @property
     def bad_fraction(self) -> float:
-        return sum(self.skipped.values()) / self.total if self.total else 0.0
+        return self.bad / self.total if self.total else 0.0
 
     def summary(self) -> str:
         """The one line printed at start: "data: 97 images, 6 skipped (2 truncated image, ...); see ..."."""
         if self.shards is not None:
             where = f" to {self.quarantine_path}" if self.quarantine_path is not None else ""
             return f"data: {self.shards} tar shards, streamed; bad members go{where} as they are met"
-        bad = sum(self.skipped.values())
+        skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
-        where = f"; see {self.quarantine_path}" if bad and self.quarantine_path is not None else ""
-        return f"data: {self.kept} images, {bad} skipped" + (f" ({reasons})" if bad else "") + where
+        where = f"; see {self.quarantine_path}" if skipped and self.quarantine_path is not None else ""
+        return f"data: {self.kept} images, {skipped} skipped" + (f" ({reasons})" if skipped else "") + where
 
     def check(self, max_bad_fraction: float) -> None:
         """Stop, with a clear message, when too much of the data is bad: it is then likely the wrong data."""
-        if self.total == 0:
+        if self.kept == 0 and not self.skipped:
             raise T2IError("data: no images found; check data.path")
+        where = f" (listed in {self.quarantine_path})" if self.quarantine_path is not None else ""
         if self.bad_fraction > max_bad_fraction:
-            where = f" (listed in {self.quarantine_path})" if self.quarantine_path is not None else ""
-            raise T2IError(f"data: {sum(self.skipped.values())} of {self.total} entries are bad{where}, more than "
+            raise T2IError(f"data: {self.bad} of {self.total} entries are bad{where}, more than "
                            f"data.max_bad_fraction = {max_bad_fraction:g}; fix them or raise the limit")
         if self.kept == 0:
-            raise T2IError("data: every entry is bad; nothing is left to train on")
+            raise T2IError(f"data: every entry was skipped{where}; nothing is left to train on")

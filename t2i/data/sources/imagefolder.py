@@ -4,6 +4,9 @@
   path relative to the root in `file_name`, its caption in the caption column (default `text`);
 - sidecar captions, when there is no metadata file: every image `a/x.png` is captioned by `a/x.txt`.
 
+An image in a folder with a metadata file but no row in it is listed as left out (`NOT_IN_METADATA`): counted and
+named, not trained on, and not held against `data.max_bad_fraction`.
+
 Every `file_name` must stay inside the root: an absolute path, a `..` part, or a path that resolves (through
 symlinks) outside the root is quarantined as escaping it. Entries are sorted by name, so the listing is the
 same on every process and every run.
@@ -16,7 +19,7 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from t2i.data.quarantine import BAD_METADATA_ROW, CAPTION_NOT_UTF8, ESCAPES_ROOT, Rejected
+from t2i.data.quarantine import BAD_METADATA_ROW, CAPTION_NOT_UTF8, ESCAPES_ROOT, NOT_IN_METADATA, Rejected
 from t2i.data.sources.entry import Entry
 from t2i.errors import T2IError
 
@@ -40,7 +43,8 @@ def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
     elif present == ["metadata.csv"]:
         entries = _csv_entries(root, caption_column)
     else:
-        entries = _sidecar_entries(root)
+        return sorted(_sidecar_entries(root), key=lambda entry: entry.name)
+    entries += _unlisted_images(root, present[0], entries)
     return sorted(entries, key=lambda entry: entry.name)
 
 
@@ -101,10 +105,22 @@ def _csv_entries(root: Path, caption_column: str) -> list[Entry]:
             for number, row in enumerate(reader, start=2)]
 
 
-def _sidecar_entries(root: Path) -> list[Entry]:
-    """Every image under root, hidden files and folders aside. Symlinked folders are followed while they stay
-    inside the root (each real folder once); one that points out is quarantined."""
-    entries = []
+def _unlisted_images(root: Path, metadata: str, rows: list[Entry]) -> list[Entry]:
+    """The images under root that no row of `metadata` names, as left-out entries."""
+    listed = {PurePosixPath(row.name).as_posix() for row in rows}
+    images, _ = _folder_files(root)
+    return [Entry(name, None, None, Rejected(NOT_IN_METADATA, f"{metadata} has no row for it"))
+            for name in images if _is_image_name(name) and name not in listed]
+
+
+def _is_image_name(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _folder_files(root: Path) -> tuple[list[str], list[Entry]]:
+    """The name of every file under root, hidden files and folders aside, and an entry for each symlinked folder
+    that points out of the root. Symlinked folders are followed while they stay inside it (each real folder once)."""
+    names, escaping = [], []
     visited = {root.resolve()}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         kept = []
@@ -115,21 +131,25 @@ def _sidecar_entries(root: Path) -> list[Entry]:
             try:
                 resolve_inside(root, path.relative_to(root).as_posix())
             except Rejected as problem:
-                entries.append(Entry(path.relative_to(root).as_posix() + "/", None, None, problem))
+                escaping.append(Entry(path.relative_to(root).as_posix() + "/", None, None, problem))
                 continue
             visited.add(path.resolve())
             kept.append(name)
         subfolders[:] = kept
-        for file in files:
-            path = Path(folder) / file
-            if file.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            name = path.relative_to(root).as_posix()
-            try:
-                image = resolve_inside(root, name)
-                entries.append(Entry(name, image, *_sidecar_caption(root, path.with_suffix(CAPTION_EXTENSION))))
-            except Rejected as problem:
-                entries.append(Entry(name, None, None, problem))
+        names += [(Path(folder) / file).relative_to(root).as_posix() for file in files if not file.startswith(".")]
+    return names, escaping
+
+
+def _sidecar_entries(root: Path) -> list[Entry]:
+    """Every image under root, each captioned by the .txt beside it; a symlinked folder out of the root is
+    quarantined."""
+    names, entries = _folder_files(root)
+    for name in filter(_is_image_name, names):
+        try:
+            image = resolve_inside(root, name)
+            entries.append(Entry(name, image, *_sidecar_caption(root, image.with_suffix(CAPTION_EXTENSION))))
+        except Rejected as problem:
+            entries.append(Entry(name, None, None, problem))
     return entries
 
 
