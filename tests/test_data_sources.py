@@ -22,6 +22,11 @@ def quarantined(run_dir) -> dict[str, str]:
     return {record["file"]: record["reason"] for record in map(json.loads, lines)}
 
 
+def quarantine_details(run_dir) -> dict[str, str]:
+    lines = (run_dir / "quarantine.jsonl").read_text().splitlines()
+    return {record["file"]: record.get("detail", "") for record in map(json.loads, lines)}
+
+
 @pytest.mark.parametrize("layout", ["metadata", "sidecar"])
 def test_quarantine_lists_exactly_the_planted_bad_files(tmp_path, capsys, layout):
     folder = planted_folder(tmp_path, layout)
@@ -70,6 +75,23 @@ def test_images_the_metadata_leaves_out_are_counted_and_named_but_not_bad(tmp_pa
     (folder.root / f"metadata.{metadata}").write_text("file_name,text\n" if metadata == "csv" else "")
     with pytest.raises(T2IError, match="every entry was skipped .*; nothing is left to train on"):
         build_datasets(data_config(folder.root), tmp_path / "run")
+
+
+@pytest.mark.parametrize("metadata", ["jsonl", "csv"])
+def test_a_file_listed_twice_keeps_its_first_row(tmp_path, metadata):
+    folder = clean_folder(tmp_path, count=4, metadata=metadata)
+    first, second = sorted(folder.good)[:2]
+    rows = [(first, "listed again"), (f"./{second}", "listed again, spelt another way")]
+    with (folder.root / f"metadata.{metadata}").open("a") as file:
+        file.writelines(json.dumps({"file_name": name, "text": text}) + "\n" if metadata == "jsonl"
+                        else f"{name},{text.replace(',', '')}\n" for name, text in rows)
+    train, _, report = build_datasets(data_config(folder.root, max_bad_fraction=0.5), tmp_path / "run")
+    assert {sample.name: sample.caption for sample in train.samples} == folder.good
+    assert report.skipped == {"duplicate metadata row": 2}
+    header = 1 if metadata == "csv" else 0
+    assert quarantine_details(tmp_path / "run") == {
+        f"metadata.{metadata}:{5 + header}": f"{first} is already on line {1 + header}",
+        f"metadata.{metadata}:{6 + header}": f"./{second} is already on line {2 + header}"}
 
 
 def test_structural_problems_stop_with_one_line(tmp_path):

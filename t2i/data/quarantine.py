@@ -39,6 +39,7 @@ EMPTY_CAPTION = "empty caption"
 CAPTION_NOT_UTF8 = "caption not UTF-8"
 CAPTION_TOO_LONG = "caption too long"
 BAD_METADATA_ROW = "unreadable metadata row"
+DUPLICATE_ROW = "duplicate metadata row"
 # Tar shards
 UNREADABLE_SHARD = "unreadable shard"
 # Left out

@@ -4,6 +4,7 @@
   path relative to the root in `file_name`, its caption in the caption column (default `text`);
 - sidecar captions, when there is no metadata file: every image `a/x.png` is captioned by `a/x.txt`.
 
+A `file_name` on several rows keeps its first; the later rows are quarantined as duplicates naming that line.
 An image in a folder with a metadata file but no row in it is listed as left out (`NOT_IN_METADATA`): counted and
 named, not trained on, and not held against `data.max_bad_fraction`.
 
@@ -19,7 +20,14 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from t2i.data.quarantine import BAD_METADATA_ROW, CAPTION_NOT_UTF8, ESCAPES_ROOT, NOT_IN_METADATA, Rejected
+from t2i.data.quarantine import (
+    BAD_METADATA_ROW,
+    CAPTION_NOT_UTF8,
+    DUPLICATE_ROW,
+    ESCAPES_ROOT,
+    NOT_IN_METADATA,
+    Rejected,
+)
 from t2i.data.sources.entry import Entry
 from t2i.errors import T2IError
 
@@ -29,6 +37,7 @@ FILE_NAME_COLUMN = "file_name"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+Row = tuple[int, Entry]  # a metadata row: its line number, and the entry it lists
 
 
 def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
@@ -39,11 +48,12 @@ def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
     if len(present) > 1:
         raise T2IError(f"'{root}' holds both {' and '.join(present)}; keep one")
     if present == ["metadata.jsonl"]:
-        entries = _jsonl_entries(root, caption_column)
+        rows = _jsonl_rows(root, caption_column)
     elif present == ["metadata.csv"]:
-        entries = _csv_entries(root, caption_column)
+        rows = _csv_rows(root, caption_column)
     else:
         return sorted(_sidecar_entries(root), key=lambda entry: entry.name)
+    entries = _first_rows(rows, present[0])
     entries += _unlisted_images(root, present[0], entries)
     return sorted(entries, key=lambda entry: entry.name)
 
@@ -71,8 +81,8 @@ def _row_entry(root: Path, file_name: object, caption: object, name: str) -> Ent
         return Entry(file_name, None, caption, problem)
 
 
-def _jsonl_entries(root: Path, caption_column: str) -> list[Entry]:
-    entries = []
+def _jsonl_rows(root: Path, caption_column: str) -> list[Row]:
+    rows = []
     lines = (root / "metadata.jsonl").read_bytes().splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -83,13 +93,13 @@ def _jsonl_entries(root: Path, caption_column: str) -> list[Entry]:
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:  # also bad UTF-8
-            entries.append(Entry(name, None, None, Rejected(BAD_METADATA_ROW, str(error))))
+            rows.append((number, Entry(name, None, None, Rejected(BAD_METADATA_ROW, str(error)))))
             continue
-        entries.append(_row_entry(root, row.get(FILE_NAME_COLUMN), row.get(caption_column), name))
-    return entries
+        rows.append((number, _row_entry(root, row.get(FILE_NAME_COLUMN), row.get(caption_column), name)))
+    return rows
 
 
-def _csv_entries(root: Path, caption_column: str) -> list[Entry]:
+def _csv_rows(root: Path, caption_column: str) -> list[Row]:
     path = root / "metadata.csv"
     try:
         text = path.read_text(encoding="utf-8-sig")
@@ -101,8 +111,27 @@ def _csv_entries(root: Path, caption_column: str) -> list[Entry]:
         if column not in columns:
             raise T2IError(f"'{path}' has no '{column}' column (it has {', '.join(columns) or 'none'}); "
                            "set data.caption_column to the caption's column")
-    return [_row_entry(root, row[FILE_NAME_COLUMN], row[caption_column], f"metadata.csv:{number}")
+    return [(number, _row_entry(root, row[FILE_NAME_COLUMN], row[caption_column], f"metadata.csv:{number}"))
             for number, row in enumerate(reader, start=2)]
+
+
+def _first_rows(rows: list[Row], metadata: str) -> list[Entry]:
+    """Each file's first row; a later row naming the same file is quarantined as a duplicate of it.
+
+    Two rows for one image are most often a pasted or merged row, not two captions meant: training on both would
+    weigh that image twice without saying so, and the first row is the one a reader of the file meets first.
+    """
+    first_line: dict[str, int] = {}
+    entries = []
+    for number, entry in rows:
+        key = PurePosixPath(entry.name).as_posix()
+        if key in first_line:
+            detail = f"{entry.name} is already on line {first_line[key]}"
+            entries.append(Entry(f"{metadata}:{number}", None, None, Rejected(DUPLICATE_ROW, detail)))
+            continue
+        first_line[key] = number
+        entries.append(entry)
+    return entries
 
 
 def _unlisted_images(root: Path, metadata: str, rows: list[Entry]) -> list[Entry]:
