@@ -116,9 +116,12 @@ def planted_folder(base: Path, layout: Literal["metadata", "sidecar"] = "metadat
         folder.bad[name] = reason
     if layout == "sidecar":
         for name, caption in captions.items():
-            if caption is not None:
+            if caption is not None and not name.endswith("/"):
                 text = caption if isinstance(caption, bytes) else caption.encode("utf-8")
                 (root / name).with_suffix(".txt").write_bytes(text)
+        (root / "renamed.jpg.bak").write_bytes(image_bytes((48, 48), 106, "JPEG"))  # its caption pairs with nothing
+        (root / "renamed.txt").write_text("a picture whose file was renamed")
+        folder.bad["renamed.txt"] = "caption without image"
         return folder
     rows = [{"file_name": name, **({} if caption is None else {"text": caption})} for name, caption in captions.items()]
     rows += [{"file_name": "../outside.png", "text": "climbs out"}, {"file_name": str(outside), "text": "absolute"},

@@ -10,7 +10,7 @@ from t2i.data.build import build_datasets
 from t2i.errors import ConfigError, T2IError
 
 from conftest import REPO
-from data_fixtures import clean_folder, good_images, planted_folder
+from data_fixtures import clean_folder, good_images, image_bytes, planted_folder
 
 
 def data_config(path, **options) -> DataConfig:
@@ -92,6 +92,25 @@ def test_a_file_listed_twice_keeps_its_first_row(tmp_path, metadata):
     assert quarantine_details(tmp_path / "run") == {
         f"metadata.{metadata}:{5 + header}": f"{first} is already on line {1 + header}",
         f"metadata.{metadata}:{6 + header}": f"./{second} is already on line {2 + header}"}
+
+
+def test_a_sidecar_caption_pairs_with_any_image_pil_reads_and_else_is_named(tmp_path, capsys):
+    folder = clean_folder(tmp_path, count=3, metadata="sidecar")
+    for name, fmt in (("scan.jfif", "JPEG"), ("render.tga", "TGA"), ("uncaptioned.tga", "TGA")):
+        (folder.root / name).write_bytes(image_bytes((40, 40), 7, fmt))
+    captions = {"scan.txt": "a jfif picture", "render.txt": "a targa picture", "photo.txt": "renamed to .jpg.bak",
+                "notes.txt": "beside no file"}
+    for name, caption in captions.items():
+        (folder.root / name).write_text(caption)
+    (folder.root / "photo.jpg.bak").write_bytes(image_bytes((40, 40), 8, "JPEG"))
+    train, _, report = build_datasets(data_config(folder.root), tmp_path / "run")  # left out, not bad: no error
+    assert {sample.name: sample.caption for sample in train.samples} == {
+        **folder.good, "scan.jfif": "a jfif picture", "render.tga": "a targa picture"}
+    assert report.skipped == {"caption without image": 2}
+    assert quarantine_details(tmp_path / "run") == {"notes.txt": "no file of its name beside it",
+                                                    "photo.txt": "beside it: photo.jpg.bak, not an image t2i reads"}
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "data: 2 caption files have no image beside them that t2i reads and were left out: notes.txt, photo.txt")
 
 
 def test_structural_problems_stop_with_one_line(tmp_path):

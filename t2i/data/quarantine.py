@@ -44,11 +44,14 @@ DUPLICATE_ROW = "duplicate metadata row"
 UNREADABLE_SHARD = "unreadable shard"
 # Left out
 NOT_IN_METADATA = "not in metadata"
+CAPTION_WITHOUT_IMAGE = "caption without image"
 
 # Each left-out reason's note, for one entry and for several; a metadata file may list a chosen subset on purpose.
 LEFT_OUT = {
     NOT_IN_METADATA: ("image in the folder is not in its metadata file and was left out",
                       "images in the folder are not in its metadata file and were left out"),
+    CAPTION_WITHOUT_IMAGE: ("caption file has no image beside it that t2i reads and was left out",
+                            "caption files have no image beside them that t2i reads and were left out"),
 }
 NAMES_IN_A_NOTE = 3
 

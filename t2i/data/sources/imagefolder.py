@@ -2,10 +2,13 @@
 
 - `metadata.jsonl` or `metadata.csv` at the root (the `datasets` imagefolder convention): one row per image, its
   path relative to the root in `file_name`, its caption in the caption column (default `text`);
-- sidecar captions, when there is no metadata file: every image `a/x.png` is captioned by `a/x.txt`.
+- sidecar captions, when there is no metadata file: every image `a/x.png` is captioned by `a/x.txt`. An image is
+  a file of the common extensions (`IMAGE_EXTENSIONS`), captioned or not, or of any other extension PIL reads
+  (`.jfif`, `.tga`, ...) when it has a caption. A caption that pairs with no image (`x.txt` beside `x.heic` or
+  `x.jpg.bak`, or beside nothing) is left out (`CAPTION_WITHOUT_IMAGE`), naming the files beside it.
 
 A `file_name` on several rows keeps its first; the later rows are quarantined as duplicates naming that line.
-An image in a folder with a metadata file but no row in it is listed as left out (`NOT_IN_METADATA`): counted and
+An image (by PIL's extensions) in a folder with a metadata file but no row in it is listed as left out (`NOT_IN_METADATA`): counted and
 named, not trained on, and not held against `data.max_bad_fraction`.
 
 Every `file_name` must stay inside the root: an absolute path, a `..` part, or a path that resolves (through
@@ -18,11 +21,16 @@ import csv
 import json
 import os
 import re
+from collections import defaultdict
+from functools import cache
 from pathlib import Path, PurePosixPath
+
+from PIL import Image
 
 from t2i.data.quarantine import (
     BAD_METADATA_ROW,
     CAPTION_NOT_UTF8,
+    CAPTION_WITHOUT_IMAGE,
     DUPLICATE_ROW,
     ESCAPES_ROOT,
     NOT_IN_METADATA,
@@ -139,11 +147,32 @@ def _unlisted_images(root: Path, metadata: str, rows: list[Entry]) -> list[Entry
     listed = {PurePosixPath(row.name).as_posix() for row in rows}
     images, _ = _folder_files(root)
     return [Entry(name, None, None, Rejected(NOT_IN_METADATA, f"{metadata} has no row for it"))
-            for name in images if _is_image_name(name) and name not in listed]
+            for name in images if _pil_reads(name) and name not in listed]
 
 
 def _is_image_name(name: str) -> bool:
     return PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _pil_reads(name: str) -> bool:
+    return PurePosixPath(name).suffix.lower() in _pil_extensions()
+
+
+@cache
+def _pil_extensions() -> frozenset[str]:
+    """Every extension PIL has a reader for (`Image.init` loads all its plugins, hence once, on first use)."""
+    Image.init()
+    return frozenset(extension for extension, kind in Image.registered_extensions().items() if kind in Image.OPEN)
+
+
+def _caption_name(name: str) -> str:
+    return PurePosixPath(name).with_suffix(CAPTION_EXTENSION).as_posix()
+
+
+def _stem(name: str) -> str:
+    """The name up to the first dot of the file's own name: "a/x.jpg.bak" -> "a/x"."""
+    folder, slash, file = name.rpartition("/")
+    return folder + slash + file.split(".", 1)[0]
 
 
 def _folder_files(root: Path) -> tuple[list[str], list[Entry]]:
@@ -170,15 +199,34 @@ def _folder_files(root: Path) -> tuple[list[str], list[Entry]]:
 
 
 def _sidecar_entries(root: Path) -> list[Entry]:
-    """Every image under root, each captioned by the .txt beside it; a symlinked folder out of the root is
-    quarantined."""
+    """Every image under root (as the module docstring says), each captioned by the .txt beside it, and every
+    caption that pairs with no image; a symlinked folder out of the root is quarantined."""
     names, entries = _folder_files(root)
-    for name in filter(_is_image_name, names):
+    present = set(names)
+    images = [name for name in names if _is_image_name(name) or (_pil_reads(name) and _caption_name(name) in present)]
+    for name in images:
         try:
             image = resolve_inside(root, name)
             entries.append(Entry(name, image, *_sidecar_caption(root, image.with_suffix(CAPTION_EXTENSION))))
         except Rejected as problem:
             entries.append(Entry(name, None, None, problem))
+    return entries + _captions_without_image(names, images)
+
+
+def _captions_without_image(names: list[str], images: list[str]) -> list[Entry]:
+    """A left-out entry for each .txt that captions none of `images`, naming the other files of its stem."""
+    paired = {_caption_name(name) for name in images}
+    unread = defaultdict(list)  # the files that are neither an image nor a caption, by stem
+    for name in sorted(set(names) - set(images)):
+        if not name.endswith(CAPTION_EXTENSION):
+            unread[_stem(name)].append(name)
+    entries = []
+    for name in names:
+        if name.endswith(CAPTION_EXTENSION) and name not in paired:
+            beside = unread.get(_stem(name))
+            detail = (f"beside it: {', '.join(beside)}, not an image t2i reads" if beside
+                      else "no file of its name beside it")
+            entries.append(Entry(name, None, None, Rejected(CAPTION_WITHOUT_IMAGE, detail)))
     return entries
 
 
