@@ -113,6 +113,30 @@ def test_a_sidecar_caption_pairs_with_any_image_pil_reads_and_else_is_named(tmp_
         "data: 2 caption files have no image beside them that t2i reads and were left out: notes.txt, photo.txt")
 
 
+def test_a_csv_row_of_another_width_is_skipped_and_an_open_quote_or_no_header_stops(tmp_path):
+    folder = clean_folder(tmp_path, count=4, metadata="csv")
+    first, second, third, fourth = sorted(folder.good)
+    metadata = folder.root / "metadata.csv"
+    metadata.write_text(f'file_name,text\n{first},a caption, unquoted\n{second}\n{third},"quoted, as it should be"\n'
+                        f'{fourth},"a caption\nover two lines"\n')
+    train, _, _ = build_datasets(data_config(folder.root, max_bad_fraction=0.5), tmp_path / "run")
+    assert {sample.name: sample.caption for sample in train.samples} == {
+        third: "quoted, as it should be", fourth: "a caption\nover two lines"}
+    advice = "put a caption that holds a comma in double quotes"
+    assert quarantine_details(tmp_path / "run") == {"metadata.csv:2": f"3 cells where the header has 2; {advice}",
+                                                    "metadata.csv:3": f"1 cell where the header has 2; {advice}"}
+    metadata.write_text(f'file_name,text\n{first},plain\n{second},"a quote left open\n{third},plain\n')
+    with pytest.raises(T2IError, match="metadata.csv' line 3: a quoted cell is not closed where it should be"):
+        build_datasets(data_config(folder.root))
+    metadata.write_text(f'file_name,text\n{first},"a quote left open\n{second},plain\n{third},closed here"\n')
+    with pytest.raises(T2IError, match=f"metadata.csv' line 2: a quoted cell runs on into the row '{second},plain'"):
+        build_datasets(data_config(folder.root))
+    metadata.write_text(f"{first},a caption\n{second},another\n")
+    with pytest.raises(T2IError, match=f"has no header row: its first row, '{first},a caption', must name the "
+                                       "columns, as 'file_name,text' does"):
+        build_datasets(data_config(folder.root))
+
+
 def test_structural_problems_stop_with_one_line(tmp_path):
     folder = clean_folder(tmp_path, count=3, metadata="csv")
     with pytest.raises(T2IError, match="has no 'caption' column \\(it has file_name, text\\)"):

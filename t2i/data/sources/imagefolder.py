@@ -18,12 +18,14 @@ same on every process and every run.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
 from collections import defaultdict
 from functools import cache
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -45,7 +47,15 @@ FILE_NAME_COLUMN = "file_name"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 CAPTION_EXTENSION = ".txt"
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
-Row = tuple[int, Entry]  # a metadata row: its line number, and the entry it lists
+
+
+class Row(NamedTuple):
+    """A metadata row: the line it starts on and its entry. An unreadable row's entry is named by its line, and
+    `file` then holds the file it seems to name, so that this file is not reported as unlisted as well."""
+
+    line: int
+    entry: Entry
+    file: str = ""
 
 
 def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
@@ -61,8 +71,7 @@ def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
         rows = _csv_rows(root, caption_column)
     else:
         return sorted(_sidecar_entries(root), key=lambda entry: entry.name)
-    entries = _first_rows(rows, present[0])
-    entries += _unlisted_images(root, present[0], entries)
+    entries = _first_rows(rows, present[0]) + _unlisted_images(root, present[0], rows)
     return sorted(entries, key=lambda entry: entry.name)
 
 
@@ -101,26 +110,73 @@ def _jsonl_rows(root: Path, caption_column: str) -> list[Row]:
             if not isinstance(row, dict):
                 raise ValueError("not a JSON object")
         except ValueError as error:  # also bad UTF-8
-            rows.append((number, Entry(name, None, None, Rejected(BAD_METADATA_ROW, str(error)))))
+            rows.append(Row(number, Entry(name, None, None, Rejected(BAD_METADATA_ROW, str(error)))))
             continue
-        rows.append((number, _row_entry(root, row.get(FILE_NAME_COLUMN), row.get(caption_column), name)))
+        rows.append(Row(number, _row_entry(root, row.get(FILE_NAME_COLUMN), row.get(caption_column), name)))
     return rows
 
 
 def _csv_rows(root: Path, caption_column: str) -> list[Row]:
+    """The rows of metadata.csv, each numbered by the line it starts on. A row with more or fewer cells than the
+    header (a caption's comma left unquoted) is quarantined, naming its line; a quote left open stops the scan,
+    since every row after it would be read into one caption."""
     path = root / "metadata.csv"
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise T2IError(f"'{path}' is not UTF-8 text: {error}") from None
-    reader = csv.DictReader(text.splitlines())
-    columns = reader.fieldnames or []
-    for column in (FILE_NAME_COLUMN, caption_column):
-        if column not in columns:
-            raise T2IError(f"'{path}' has no '{column}' column (it has {', '.join(columns) or 'none'}); "
-                           "set data.caption_column to the caption's column")
-    return [(number, _row_entry(root, row[FILE_NAME_COLUMN], row[caption_column], f"metadata.csv:{number}"))
-            for number, row in enumerate(reader, start=2)]
+    (_, header), *records = _csv_records(path, text) or [(1, [])]
+    _check_csv_header(path, header, caption_column)
+    file_cell, caption_cell = header.index(FILE_NAME_COLUMN), header.index(caption_column)
+    rows = []
+    for number, cells in records:
+        name = f"metadata.csv:{number}"
+        if len(cells) != len(header):
+            detail = (f"{len(cells)} cell{'' if len(cells) == 1 else 's'} where the header has {len(header)}; "
+                      "put a caption that holds a comma in double quotes")
+            file = cells[file_cell] if file_cell < len(cells) else ""
+            rows.append(Row(number, Entry(name, None, None, Rejected(BAD_METADATA_ROW, detail)), file))
+        else:
+            rows.append(Row(number, _row_entry(root, cells[file_cell], cells[caption_cell], name)))
+    return rows
+
+
+def _csv_records(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """(first line, cells) of every record that is not blank; a quote left open is a `T2IError` naming its line."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records, start = [], 1
+    try:
+        for cells in reader:
+            if any(cell.strip() for cell in cells):
+                _check_quotes_closed(path, start, cells)
+                records.append((start, cells))
+            start = reader.line_num + 1
+    except csv.Error as error:
+        raise T2IError(f"'{path}' line {start}: a quoted cell is not closed where it should be ({error}); close "
+                       'its quote, and write a quote inside a quoted caption as two ("")') from None
+    return records
+
+
+def _check_quotes_closed(path: Path, start: int, cells: list[str]) -> None:
+    """A quoted cell may span lines, but one whose later line looks like a row of its own (an image's name, then a
+    comma) is a quote left open until some later quote happened to close it."""
+    for cell in cells:
+        for line in cell.splitlines()[1:]:
+            if "," in line and _pil_reads(line.split(",", 1)[0].strip()):
+                raise T2IError(f"'{path}' line {start}: a quoted cell runs on into the row '{line}'; close its quote")
+
+
+def _check_csv_header(path: Path, header: list[str], caption_column: str) -> None:
+    example = f"{FILE_NAME_COLUMN},{caption_column}"
+    if FILE_NAME_COLUMN not in header and any(_pil_reads(cell.strip()) for cell in header):
+        raise T2IError(f"'{path}' has no header row: its first row, '{','.join(header)}', must name the columns, "
+                       f"as '{example}' does; add such a line at the top")
+    if FILE_NAME_COLUMN not in header:
+        raise T2IError(f"'{path}' has no '{FILE_NAME_COLUMN}' column (it has {', '.join(header) or 'none'}); "
+                       f"its first row must name the columns, as '{example}' does")
+    if caption_column not in header:
+        raise T2IError(f"'{path}' has no '{caption_column}' column (it has {', '.join(header)}); "
+                       "set data.caption_column to the caption's column")
 
 
 def _first_rows(rows: list[Row], metadata: str) -> list[Entry]:
@@ -131,7 +187,7 @@ def _first_rows(rows: list[Row], metadata: str) -> list[Entry]:
     """
     first_line: dict[str, int] = {}
     entries = []
-    for number, entry in rows:
+    for number, entry, _ in rows:
         key = PurePosixPath(entry.name).as_posix()
         if key in first_line:
             detail = f"{entry.name} is already on line {first_line[key]}"
@@ -142,9 +198,9 @@ def _first_rows(rows: list[Row], metadata: str) -> list[Entry]:
     return entries
 
 
-def _unlisted_images(root: Path, metadata: str, rows: list[Entry]) -> list[Entry]:
+def _unlisted_images(root: Path, metadata: str, rows: list[Row]) -> list[Entry]:
     """The images under root that no row of `metadata` names, as left-out entries."""
-    listed = {PurePosixPath(row.name).as_posix() for row in rows}
+    listed = {PurePosixPath(name).as_posix() for row in rows for name in (row.entry.name, row.file) if name}
     images, _ = _folder_files(root)
     return [Entry(name, None, None, Rejected(NOT_IN_METADATA, f"{metadata} has no row for it"))
             for name in images if _pil_reads(name) and name not in listed]
