@@ -80,9 +80,10 @@ class QuarantineEntry:
 class Quarantine:
     """Collects bad entries, each (file, reason) once; with a path (a stream's), appends each to it as it is met.
 
-    A streamed source meets the same bad member every epoch: it is counted and written once. Entries already in
-    an existing file (a resumed run) are not written twice. Pass `path=None` on every process but the main one:
-    the counts stay the same there, and only one process writes.
+    A scan's quarantine has no path: `write_quarantine` writes its entries whole once the scan is done. A streamed
+    source meets the same bad member every epoch: it is counted and written once. Entries already in an existing
+    file (a resumed run) are not written twice. Pass `path=None` on every process but the main one: the counts stay
+    the same there, and only one process writes.
     """
 
     def __init__(self, path: Path | None = None):

@@ -8,8 +8,8 @@
   `x.jpg.bak`, or beside nothing) is left out (`CAPTION_WITHOUT_IMAGE`), naming the files beside it.
 
 A `file_name` on several rows keeps its first; the later rows are quarantined as duplicates naming that line.
-An image (by PIL's extensions) in a folder with a metadata file but no row in it is listed as left out (`NOT_IN_METADATA`): counted and
-named, not trained on, and not held against `data.max_bad_fraction`.
+An image (of any extension PIL reads) in a folder with a metadata file but no row in it is left out
+(`NOT_IN_METADATA`): counted and named, not trained on, and not held against `data.max_bad_fraction`.
 
 Every `file_name` must stay inside the root: an absolute path, a `..` part, or a path that resolves (through
 symlinks) outside the root is quarantined as escaping it. Entries are sorted by name, so the listing is the
