@@ -439,6 +439,13 @@ def _stop_now(signum: int, frame) -> None:
     raise StopNow(signum)
 
 
+def _report(line: str) -> None:
+    """One line to stderr in one write: the ranks of a multi-process run share the stream, and print's separate
+    write of the newline let two ranks' lines run into one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -451,16 +458,16 @@ def main(argv: list[str] | None = None) -> int:
                     "upscale": _upscale, "batch": _batch, "export": _export, "eval": _eval}
         commands[args.command](args)
     except TrainingInterrupted as stopped:
-        print(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}", file=sys.stderr)
+        _report(f"t2i {args.command}: {stopped}; {_CONTINUE.get(args.command, 'rerun to continue')}")
         return stopped.exit_code
     except T2IError as error:
-        print(f"t2i {args.command}: error: {error}", file=sys.stderr)
+        _report(f"t2i {args.command}: error: {error}")
         return 2
     except StopNow as stopped:
-        print(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}", file=sys.stderr)
+        _report(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}")
         return 128 + stopped.signum
     except KeyboardInterrupt:
-        print(f"t2i {args.command}: interrupted", file=sys.stderr)
+        _report(f"t2i {args.command}: interrupted")
         return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)
