@@ -68,14 +68,9 @@ def replace_folder(staging: Path, target: Path) -> None:
 
 
 def check_replaceable(target: Path, markers: tuple[str, ...], what: str) -> None:
-    """Refuse a `target` that `write_folder` must not replace: a file, or a folder holding other things than a
-    previous `what` (recognised by any of the `markers` files), since the new folder replaces the old one whole."""
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise T2IError(f"'{target}' is a file; {what} is written as a folder: give a path that is a folder or does "
-                       "not exist yet")
-    if any((target / marker).is_file() for marker in markers):
+    """Refuse a folder `target` holding other things than a previous `what` (recognised by any of the `markers`
+    files), which `write_folder` would replace whole; `write_folder` itself refuses a file."""
+    if not target.is_dir() or any((target / marker).is_file() for marker in markers):
         return
     held = sorted(path.name for path in target.iterdir())
     if held:
@@ -96,7 +91,8 @@ def write_folder(target: Path, what: str) -> Iterator[Path]:
     becomes one T2IError line naming `what` was being written.
     """
     if target.exists() and not target.is_dir():
-        raise T2IError(f"could not write {what} '{target}': it is a file, and {what} is a folder; nothing was written")
+        raise T2IError(f"could not write {what} '{target}': it is a file, and {what} is a folder; give a path that "
+                       "is a folder or does not exist yet")
     staging = _beside(target, "t2i-staging")
     try:
         shutil.rmtree(staging, ignore_errors=True)

@@ -134,7 +134,7 @@ def test_export_refuses_a_folder_of_other_files_a_file_and_the_model_folder_itse
         export_diffusers(build_tiny_pipeline(), notes)
     assert [path.name for path in notes.iterdir()] == ["notes.txt"]
     (tmp_path / "file").write_text("keep")
-    with pytest.raises(T2IError, match="'.*file' is a file"):
+    with pytest.raises(T2IError, match="'.*file': it is a file"):
         export_diffusers(build_tiny_pipeline(), tmp_path / "file")
     assert (tmp_path / "file").read_text() == "keep"
     build_tiny_pipeline().save_pretrained(tmp_path / "pipe")
