@@ -2,18 +2,19 @@
 
 A folder holds a run once a stage has started training in it (a stage folder exists). A folder holding only the
 config.yaml (and data scan report) of a run that stopped before any training (a wrong model path, unreadable data)
-may start afresh. A
-resumed run continues the same computation, so its settings must be those it was started with, except settings
-that do not change what is computed (logging, checkpoints, workers, device, compilation, the stage list, the saved
-sampling defaults), settings read only by stages not yet started, and the step count of a stage not yet finished,
-which moves where it ends.
+may start afresh. A resumed run continues the same computation, so its settings must be those it was started with,
+except settings that do not change what is computed (logging, checkpoints, workers, device, compilation, the stage
+list, the saved sampling defaults), settings read only by stages not yet started, and the step count of a stage not
+yet finished, which moves where it ends.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
+from t2i.config import Stage
 from t2i.data.quarantine import QUARANTINE_FILE
 from t2i.errors import T2IError
 from t2i.training import run_lock
@@ -21,15 +22,15 @@ from t2i.training.loop import FINAL
 
 CONFIG = "config.yaml"
 FAILED_START_FILES = {CONFIG, QUARANTINE_FILE}  # what a run writes before its first stage begins
-STAGE_FOLDERS = ("vae", "clip", "unet", "sr", "finetune", "classifier")
+STAGE_FOLDERS: tuple[str, ...] = get_args(Stage)  # each stage trains in a folder of its name
 # Settings free to change on resume: by the last part of their dotted key, or whole.
 FREE_SETTINGS = {"log_every", "sample_every", "sample_at_start", "checkpoint_every", "keep_checkpoints",
                  "loader_workers", "max_nonfinite_steps", "compile"}
 FREE_KEYS = {"run_dir", "device", "latent_cache_dir", "stages"}
 FREE_SECTIONS = {"sampling"}
 # The stages that read a config section (by the first part of a key); a section not listed is read by all.
-READERS = {"vae": {"vae"}, "text_encoder": {"clip"}, "unet": {"unet"}, "sr": {"sr"}, "classifier": {"classifier"},
-           "finetune": {"finetune"}, "diffusion": {"unet", "sr", "classifier", "finetune"},
+READERS = {"vae": {"vae"}, "text_encoder": {"clip", "unet", "sr", "finetune"}, "unet": {"unet"}, "sr": {"sr"},
+           "classifier": {"classifier"}, "finetune": {"finetune"}, "diffusion": {"unet", "sr", "classifier", "finetune"},
            "cache_latents": {"unet", "sr", "finetune"}, "cache_text_states": {"unet", "sr", "finetune"}}
 SHOWN_CHANGES = 3
 
