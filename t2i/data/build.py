@@ -2,13 +2,13 @@
 
     train, validation, report = build_datasets(config.data, run_dir)
 
-Map-style sources (imagefolder, datasets) are listed in sorted order and checked up front (`t2i.data.scan`);
-the bad and left-out entries go to run_dir/quarantine.jsonl, which every scan rewrites whole; one line says what
-was kept and skipped, a note names the left-out files, and the build stops when more than `data.max_bad_fraction`
-is bad. Tar shards (webdataset) are streamed and checked as they are
-met (`t2i.data.sources.webdataset.ShardStream`); use `t2i.data.loader.train_batches` to batch any of them. Nothing depends on the process's rank, so every rank of a
-multi-process run keeps the same samples in the same order. Items are {"pixel_values", "caption", "index"},
-as the shapes dataset gives.
+Map-style sources (imagefolder, datasets) are listed in sorted order and checked up front (`t2i.data.scan`); the bad
+and left-out entries go to run_dir/quarantine.jsonl, which every scan rewrites whole; one line says what was kept
+and skipped, a note names the left-out files, and the build stops when more than `data.max_bad_fraction` is bad. Tar
+shards (webdataset) are streamed and checked as they are met (`t2i.data.sources.webdataset.ShardStream`); use
+`t2i.data.loader.train_batches` to batch any of them. Nothing depends on the process's rank, so every rank of a
+multi-process run keeps the same samples in the same order. Items are {"pixel_values", "caption", "index"}, as the
+shapes dataset gives.
 """
 from __future__ import annotations
 

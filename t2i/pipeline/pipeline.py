@@ -188,8 +188,8 @@ class Text2ImagePipeline:
         _check_number("num_inference_steps", steps, 1, None, integer=True)
         trained = self.scheduler_config["num_train_timesteps"]
         if sampler not in SCORE_SAMPLERS and steps > trained:
-            raise T2IError(f"num_inference_steps {steps} is more than the {trained} timesteps the model was trained on; "
-                           f"sampler {sampler!r} takes at most {trained}")
+            raise T2IError(f"num_inference_steps {steps} is more than the {trained} timesteps the model was trained "
+                           f"on; sampler {sampler!r} takes at most {trained}")
         _check_number("guidance_scale", guidance, None, None)
         _check_number("eta", eta, 0, 1)
         _check_number("guidance_rescale", guidance_rescale, 0, 1)

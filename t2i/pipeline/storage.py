@@ -2,10 +2,11 @@
 
 A t2i folder holds `t2i_pipeline.json` beside vae/, unet/, text_encoder/ (open_clip or Hugging Face CLIP),
 tokenizer/ (Hugging Face only) and scheduler/. A diffusers folder's generation defaults are those `t2i export` wrote
-to `t2i_defaults.json` (diffusers ignores the file), else the sampler its scheduler describes. Either layout may hold sr/, the cascade's optional
-super-resolution stage (t2i.pipeline.upscaler), and classifier/, the optional noise-aware classifier of classifier
-guidance (t2i.models.classifier), which diffusers itself ignores. A folder is written under a temporary name and swapped in
-when complete (t2i.atomic), so a crash never leaves a half-written pipeline, nor none, behind.
+to `t2i_defaults.json` (diffusers ignores the file), else the sampler its scheduler describes. Either layout may
+hold sr/, the cascade's optional super-resolution stage (t2i.pipeline.upscaler), and classifier/, the optional
+noise-aware classifier of classifier guidance (t2i.models.classifier), which diffusers itself ignores. A folder is
+written under a temporary name and swapped in when complete (t2i.atomic), so a crash never leaves a half-written
+pipeline, nor none, behind.
 """
 from __future__ import annotations
 

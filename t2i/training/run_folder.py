@@ -30,8 +30,9 @@ FREE_KEYS = {"run_dir", "device", "latent_cache_dir", "stages"}
 FREE_SECTIONS = {"sampling"}
 # The stages that read a config section (by the first part of a key); a section not listed is read by all.
 READERS = {"vae": {"vae"}, "text_encoder": {"clip", "unet", "sr", "finetune"}, "unet": {"unet"}, "sr": {"sr"},
-           "classifier": {"classifier"}, "finetune": {"finetune"}, "diffusion": {"unet", "sr", "classifier", "finetune"},
-           "cache_latents": {"unet", "sr", "finetune"}, "cache_text_states": {"unet", "sr", "finetune"}}
+           "classifier": {"classifier"}, "finetune": {"finetune"},
+           "diffusion": {"unet", "sr", "classifier", "finetune"}, "cache_latents": {"unet", "sr", "finetune"},
+           "cache_text_states": {"unet", "sr", "finetune"}}
 SHOWN_CHANGES = 3
 
 
