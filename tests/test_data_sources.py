@@ -200,7 +200,8 @@ def test_two_builds_give_the_same_pixels_crops_and_flips(tmp_path):
 
 def test_validation_split_is_stable_and_disjoint(tmp_path):
     folder = clean_folder(tmp_path, count=20)
-    train, validation, _ = build_datasets(data_config(folder.root, validation_fraction=0.2))
+    train, validation, report = build_datasets(data_config(folder.root, validation_fraction=0.2))
+    assert "data: 4 of them held out for validation (data.validation_fraction 0.2), 16 to train on" in report.notes
     train_names = {s.name for s in train.samples}
     validation_names = {s.name for s in validation.samples}
     assert len(validation_names) == 4 and not train_names & validation_names

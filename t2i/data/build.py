@@ -96,6 +96,9 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
         write_quarantine(quarantine_path, quarantine.entries)
     report = ScanReport(kept=len(samples), skipped=quarantine.counts, notes=left_out_notes(quarantine.entries))
     train_samples, validation_samples = split_validation(samples, config.validation_fraction)
+    if validation_samples:
+        report.notes.append(f"data: {len(validation_samples)} of them held out for validation "
+                            f"(data.validation_fraction {config.validation_fraction:g}), {len(train_samples)} to train on")
     shapes = None
     if config.buckets.enabled:
         buckets = bucket_shapes(config.resolution, config.buckets.step, config.buckets.max_aspect_ratio)
