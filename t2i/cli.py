@@ -140,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     upscale = commands.add_parser(
         "upscale", help="upscale existing images with a pipeline's super-resolution stage",
         description="Make each IMAGE sr.factor times larger with the super-resolution stage (sr/) of the pipeline "
-                    "MODEL, guided by PROMPT (what the images show). Images of one size are upscaled together; image "
-                    "i uses seed SEED+i. Writes OUT, or NAME-0.png, NAME-1.png, ... for several images.")
+                    "MODEL, guided by PROMPT (what the images show). The images must have one size; image i uses "
+                    "seed SEED+i. Writes OUT, or NAME-0.png, NAME-1.png, ... for several images.")
     upscale.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="images to upscale (PNG, JPEG, ...)")
     upscale.add_argument("--model", type=Path, required=True, help="pipeline folder with an sr/ stage")
     upscale.add_argument("--prompt", required=True, help="what the images show, e.g. 'a large red circle'")
@@ -353,13 +353,14 @@ def _upscale(args) -> None:
     from PIL import Image, UnidentifiedImageError
 
     from t2i import Text2ImagePipeline
+    from t2i.data.images import to_rgb8
 
     paths = _image_paths(args.out, len(args.images))
     images = []
     for path in args.images:
         try:
             with Image.open(path) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb8(image).copy())  # 16-bit scaled, not clipped white; alpha on white
         except (OSError, UnidentifiedImageError) as error:
             raise T2IError(f"cannot read image '{path}': {error}") from None
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)

@@ -157,3 +157,10 @@ def test_eval_likelihood_refuses_bad_arguments_in_one_line(trained_run, tmp_path
 def test_eval_needs_a_measure(capsys):
     assert main(["eval", "--model", "anything"]) == 2
     assert "--likelihood" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "1", "0", "-0.5"])
+def test_an_ode_tolerance_outside_0_1_is_refused(trained_run, tmp_path, capsys, tolerance):
+    assert main(["eval", "--likelihood", "--model", str(trained_run / "pipeline"), "--tolerance", tolerance,
+                 "--device", "cpu"]) == 2
+    assert "the ODE tolerance must lie in (0, 1)" in capsys.readouterr().err

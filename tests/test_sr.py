@@ -4,6 +4,7 @@ import copy
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -135,6 +136,17 @@ def test_bad_upscale_calls_are_one_clear_error(cascade):
         cascade.upscale(images[:1], "a red circle", noise_level=10_000)
     with pytest.raises(T2IError, match="must be a multiple of"):
         cascade.upscale([Image.new("RGB", (33, 33))], "a red circle")
+    with pytest.raises(T2IError, match="guidance_scale must be a finite number; got nan"):
+        cascade.upscale(images[:1], "a red circle", guidance_scale=float("nan"))
+
+
+def test_a_16_bit_image_is_upscaled_as_its_8_bit_levels_not_clipped_white(cascade):
+    levels = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60  # 0..61380 of 65535
+    sixteen = Image.fromarray(levels)
+    eight = Image.fromarray((levels / 257).round().astype(np.uint8))
+    assert sixteen.mode.startswith("I;16") and eight.mode == "L"
+    assert _pixels(cascade.upscale([sixteen], "a red circle", seed=0)) == \
+        _pixels(cascade.upscale([eight], "a red circle", seed=0))
 
 
 def test_a_pipeline_saves_and_loads_its_sr_stage(cascade, tmp_path):

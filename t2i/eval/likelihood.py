@@ -178,8 +178,8 @@ def measure_likelihood(pipe, levels: torch.Tensor, batch_size: int = DEFAULT_BAT
 
     if batch_size < 1:
         raise T2IError(f"the batch size must be at least 1; got {batch_size}")
-    if tolerance <= 0:
-        raise T2IError(f"the ODE tolerance must be positive; got {tolerance}")
+    if not 0 < tolerance < 1:  # NaN too; at 1 and above RK45 accepts any step, and the ODE is not solved
+        raise T2IError(f"the ODE tolerance must lie in (0, 1), 1e-5 in Song et al.; got {tolerance}")
     started = time.perf_counter()
     sigma_min, sigma_max = pipeline_sigma_range(pipe.scheduler_config)
     encode, decode = vae_codec(pipe.vae)

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from t2i.data.images import to_rgb8
 from t2i.diffusion.guidance import guide_batched
 from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler, set_timesteps
 from t2i.diffusion.vlb import predicts_variance, split_variance
@@ -268,7 +269,8 @@ class Text2ImagePipeline:
         sr.check_size(height, width)
         defaults = sr.defaults
         guidance = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
-        pixels = torch.stack([torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))
+        _check_number("guidance_scale", guidance, None, None)
+        pixels = torch.stack([torch.from_numpy(np.asarray(to_rgb8(image), dtype=np.float32))
                               for image in images]).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, h, w) in [-1, 1]
         high = sr.sample(pixels, self.encode_prompts(prompts),
                          self.encode_prompts(negatives) if guidance != 1.0 else None, _as_seed_list(seed, len(images)),
