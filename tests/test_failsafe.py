@@ -294,6 +294,22 @@ def test_a_first_signal_asks_a_second_stops_at_once():
     assert signal.getsignal(signal.SIGTERM) is not stop._handle
 
 
+def test_ctrl_c_to_a_launcher_and_its_workers_together_is_one_request_not_two():
+    """A terminal's Ctrl-C signals the whole process group: the launcher sets the shared stop first, and a worker's
+    own SIGINT then must still finish the step, not stop at once (it did, with tracebacks from inside torch)."""
+    import multiprocessing
+
+    shared = multiprocessing.get_context("spawn").Value("i", 0)
+    launcher, worker = StopRequest(shared), StopRequest(shared)
+    with launcher.installed():
+        os.kill(os.getpid(), signal.SIGINT)
+    with worker.installed():
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, delivered to the worker
+        assert worker.signum == signal.SIGINT
+        with pytest.raises(StopNow):
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C does stop at once
+
+
 def test_sigint_saves_a_checkpoint_exits_130_and_resume_equals_an_uninterrupted_run(trained_run, tmp_path,
                                                                                      monkeypatch, capsys):
     run_dir = tmp_path / "run"

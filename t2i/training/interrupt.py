@@ -55,6 +55,9 @@ class StopRequest:
     def __init__(self, shared=None):
         self._signum: int | None = None
         self._shared = shared
+        # A signal delivered to this very process before: the next one stops at once. Not the shared stop: Ctrl-C
+        # in a terminal signals the launcher and its workers together, and that is one request, not two.
+        self._signalled_here = False
 
     @property
     def signum(self) -> int | None:
@@ -63,8 +66,11 @@ class StopRequest:
         return self._signum
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
+        if self._signalled_here:
             raise StopNow(signum)
+        self._signalled_here = True
+        if self.signum is not None:  # already asked for through the shared stop: the same request
+            return
         self._signum = signum
         if self._shared is not None:
             self._shared.value = signum
