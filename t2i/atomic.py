@@ -19,7 +19,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from t2i.errors import T2IError
+from t2i.errors import T2IError, first_few
 
 STAGING_SUFFIX = ".tmp"  # of staged files
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -74,8 +74,7 @@ def check_replaceable(target: Path, markers: tuple[str, ...], what: str) -> None
         return
     held = sorted(path.name for path in target.iterdir())
     if held:
-        listing = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-        raise T2IError(f"'{target}' already holds other files ({listing}), and writing {what} there would replace "
+        raise T2IError(f"'{target}' already holds other files ({first_few(held)}), and writing {what} there would replace "
                        "the whole folder: give a new or empty folder")
 
 

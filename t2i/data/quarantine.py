@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from t2i.atomic import write_file
-from t2i.errors import T2IError
+from t2i.errors import T2IError, first_few
 
 QUARANTINE_FILE = "quarantine.jsonl"
 
@@ -53,7 +53,6 @@ LEFT_OUT = {
     CAPTION_WITHOUT_IMAGE: ("caption file has no image beside it that t2i reads and was left out",
                             "caption files have no image beside them that t2i reads and were left out"),
 }
-NAMES_IN_A_NOTE = 3
 
 
 class Rejected(Exception):
@@ -128,9 +127,7 @@ def left_out_notes(entries: list[QuarantineEntry]) -> list[str]:
     for reason, (one, several) in LEFT_OUT.items():
         names = [entry.file for entry in entries if entry.reason == reason]
         if names:
-            shown = ", ".join(names[:NAMES_IN_A_NOTE])
-            more = f" and {len(names) - NAMES_IN_A_NOTE} more" if len(names) > NAMES_IN_A_NOTE else ""
-            notes.append(f"data: {len(names)} {one if len(names) == 1 else several}: {shown}{more}")
+            notes.append(f"data: {len(names)} {one if len(names) == 1 else several}: {first_few(names)}")
     return notes
 
 

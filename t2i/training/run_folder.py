@@ -16,7 +16,7 @@ import yaml
 
 from t2i.config import Stage
 from t2i.data.quarantine import QUARANTINE_FILE
-from t2i.errors import T2IError
+from t2i.errors import T2IError, first_few
 from t2i.training import run_lock
 from t2i.training.loop import FINAL
 
@@ -33,7 +33,6 @@ READERS = {"vae": {"vae"}, "text_encoder": {"clip", "unet", "sr", "finetune"}, "
            "classifier": {"classifier"}, "finetune": {"finetune"},
            "diffusion": {"unet", "sr", "classifier", "finetune"}, "cache_latents": {"unet", "sr", "finetune"},
            "cache_text_states": {"unet", "sr", "finetune"}}
-SHOWN_CHANGES = 3
 
 
 def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
@@ -45,7 +44,7 @@ def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
                            "another run folder")
         others = _other_files(run_dir)
         if others:
-            raise T2IError(f"run folder '{run_dir}' already holds other files ({', '.join(others)}); give a new or "
+            raise T2IError(f"run folder '{run_dir}' already holds other files ({first_few(others)}); give a new or "
                            "empty folder for the run")
         return None
     if not started:
@@ -63,9 +62,8 @@ def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
                        f"('{run_dir / 'pipeline'}')")
     others = [change for change in changes if not _is_steps(change[0])]
     if others:
-        listing = "; ".join(f"{key} was {old!r}, now {new!r}" for key, old, new in others[:SHOWN_CHANGES])
-        more = f" (and {len(others) - SHOWN_CHANGES} more)" if len(others) > SHOWN_CHANGES else ""
-        raise T2IError(f"run folder '{run_dir}' was started with other settings: {listing}{more}. A resumed run "
+        listing = first_few([f"{key} was {old!r}, now {new!r}" for key, old, new in others], separator="; ")
+        raise T2IError(f"run folder '{run_dir}' was started with other settings: {listing}. A resumed run "
                        f"continues the same training: resume with the settings in '{run_dir / CONFIG}', or start a "
                        "new run in another folder")
     if steps:
@@ -78,8 +76,7 @@ def _other_files(run_dir: Path) -> list[str]:
     if not run_dir.is_dir():
         return []
     return sorted(path.name for path in run_dir.iterdir()
-                  if path.name not in FAILED_START_FILES and not path.name.startswith(run_lock.LOCK_NAME)
-                  )[:SHOWN_CHANGES]
+                  if path.name not in FAILED_START_FILES and not path.name.startswith(run_lock.LOCK_NAME))
 
 
 def _previous_config(run_dir: Path) -> dict | None:
