@@ -89,6 +89,15 @@ def test_missing_and_malformed_files(tmp_path):
         load_config(tmp_path)
 
 
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    config = tmp_path / "twice.yaml"
+    config.write_text("train:\n  unet:\n    learning_rate: 1.0e-4\n    steps: 10\n    learning_rate: 3.0e-4\n")
+    with pytest.raises(ConfigError, match=r"key 'learning_rate' is given twice \(lines 3 and 5\)"):
+        load_config(config)
+    config.write_text("train:\n  unet:\n    learning_rate: 1.0e-4\n  vae:\n    learning_rate: 3.0e-4\n")
+    assert load_config(config).train.unet.learning_rate == 1.0e-4
+
+
 def test_pretrained_text_encoder_needs_its_paths_and_no_clip_stage():
     with pytest.raises(ConfigError, match="needs text_encoder.hf_path"):
         load_config(None, ["text_encoder.source=hf_clip"])
