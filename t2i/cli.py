@@ -276,7 +276,8 @@ def _run_training(config, args) -> None:
         from t2i.training.run import run_training
 
         pipeline = run_training(config, resume=args.resume, resume_weights_only=args.resume_weights_only)
-    print(f"pipeline saved to {pipeline}")
+    if pipeline is not None:
+        print(f"pipeline saved to {pipeline}")
 
 
 def _finetune_overrides(args) -> list[str]:

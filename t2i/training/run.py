@@ -55,7 +55,7 @@ from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
-from t2i.training.run_folder import CONFIG, check_run_folder
+from t2i.training.run_folder import CONFIG, check_run_folder, check_stage_inputs, missing_for_pipeline
 from t2i.training.stages.classifier import ClassifierStage
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
@@ -108,8 +108,9 @@ def unet_scheduler_config(config: RunConfig) -> dict:
     return {**scheduler, "variance_type": LEARNED_RANGE} if config.diffusion.learned_variance else scheduler
 
 
-def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path:
-    """Train every configured stage (skipping finished ones when resuming) and save the pipeline.
+def run_training(config: RunConfig, resume: bool = False, resume_weights_only: bool = False) -> Path | None:
+    """Train every configured stage (skipping finished ones when resuming) and save the pipeline; return its
+    folder, or None when the run folder does not yet hold every part of one (a run of `stages: [vae]`).
 
     `resume_weights_only` resumes each stage from its latest checkpoint's weights with a fresh optimizer: for
     checkpoints whose optimizer state cannot be read (written by an older t2i, or damaged).
@@ -121,9 +122,10 @@ def run_training(config: RunConfig, resume: bool = False, resume_weights_only: b
         if device.type != "cpu":
             raise T2IError("local_processes > 1 splits CPU training between processes; on GPUs start "
                            "`t2i train` under `accelerate launch` instead")
+        assembles = check_stage_inputs(config, run_dir)
         with run_lock.hold(run_dir):
             launch_local(_train_stages, (config, device, resume, resume_weights_only), config.local_processes)
-        return run_dir / "pipeline"
+        return run_dir / "pipeline" if assembles else None
     processes = PartialState(cpu=device.type == "cpu")
     with _run_folder_locked(run_dir, processes), StopRequest().installed() as stop:
         return _train_stages(config, device, resume, resume_weights_only, stop=stop)
@@ -150,12 +152,13 @@ def _run_folder_locked(run_dir: Path, processes: PartialState):
 
 
 def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_weights_only: bool,
-                  stop: StopRequest) -> Path:
+                  stop: StopRequest) -> Path | None:
     run_dir = Path(config.run_dir)
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
     processes = PartialState(cpu=device.type == "cpu")
     resolved = to_dict(config)
     note = check_run_folder(run_dir, resolved, resume)
+    assembles = check_stage_inputs(config, run_dir)
     if note is not None and processes.is_main_process:
         print(f"[run] {note}")
     processes.wait_for_everyone()
@@ -175,6 +178,13 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
         stage, stage_data = STAGES[name](inputs)
         train(stage, stage_data, train_config, stage_dir, device, resolved, resume=resume,
               resume_weights_only=resume_weights_only, stop=stop)
+    if not assembles:
+        missing = missing_for_pipeline(config, run_dir)
+        if processes.is_main_process:
+            print(f"[run] trained {', '.join(config.stages)}; no pipeline yet: it also needs "
+                  f"{', '.join(missing)}. Train {'them' if len(missing) > 1 else 'it'} in this run folder with "
+                  f"--resume --set stages=[{','.join(missing)}]")
+        return None
     if processes.is_main_process:
         (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
     processes.wait_for_everyone()

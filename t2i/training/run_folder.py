@@ -14,7 +14,7 @@ from typing import get_args
 
 import yaml
 
-from t2i.config import Stage
+from t2i.config import RunConfig, Stage
 from t2i.data.quarantine import QUARANTINE_FILE
 from t2i.errors import T2IError, first_few
 from t2i.training import run_lock
@@ -110,3 +110,33 @@ def _free(key: str, started: set[str]) -> bool:
 def _is_steps(key: str) -> bool:
     parts = key.split(".")
     return len(parts) == 3 and parts[0] == "train" and parts[2] == "steps"
+
+
+def stage_needs(config: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The stages whose trained weights each stage builds on, and those the assembled 'pipeline' is made of."""
+    text = ("clip",) if config.text_encoder.source == "scratch" else ()
+    return {"unet": ("vae", *text), "sr": text, "classifier": ("vae",), "pipeline": ("vae", *text, "unet")}
+
+
+def check_stage_inputs(config: RunConfig, run_dir: Path) -> bool:
+    """Refuse, before anything trains, a stage that would lack a stage it builds on (trained earlier in this run
+    folder, or listed before it); return whether the run ends with a pipeline, which a run of some parts only
+    (stages: [vae]) does not."""
+    if "finetune" in config.stages:  # it starts from a whole pipeline
+        return True
+    needs = stage_needs(config)
+    ready = {name for name in STAGE_FOLDERS if (run_dir / name / FINAL).is_dir()}
+    for name in config.stages:
+        missing = [need for need in needs.get(name, ()) if need not in ready]
+        if missing:
+            listed = ", ".join(repr(need) for need in missing)
+            raise T2IError(f"stage '{name}' builds on trained {listed} (not yet trained in '{run_dir}'): list "
+                           f"{listed} before '{name}' in stages, or train {'them' if len(missing) > 1 else 'it'} "
+                           "first in this run folder")
+        ready.add(name)
+    return all(need in ready for need in needs["pipeline"])
+
+
+def missing_for_pipeline(config: RunConfig, run_dir: Path) -> list[str]:
+    """The stages still to train in `run_dir` before its pipeline can be assembled."""
+    return [need for need in stage_needs(config)["pipeline"] if not (run_dir / need / FINAL).is_dir()]
