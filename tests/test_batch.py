@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from t2i.cli import main
 from t2i.errors import T2IError
@@ -310,6 +311,30 @@ def test_resume_makes_only_what_is_missing_and_repairs_a_cut_manifest(model, tmp
     assert all(np.array_equal(images_of(out)[name], reference_images[name]) for name in reference_images)
     assert manifest_of(out) == reference_manifest
     assert not list((out / "images").glob(".*"))
+
+
+def test_an_image_damaged_after_it_was_made_is_made_again_and_a_re_encoded_one_is_kept(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    run(model, prompts, out)
+    reference = images_of(out)
+    names = sorted(reference)
+    (out / "images" / names[0]).write_bytes(b"not a png at all")
+    whole = (out / "images" / names[1]).read_bytes()
+    (out / "images" / names[1]).write_bytes(whole[: len(whole) // 2])
+    with Image.open(out / "images" / names[2]) as image:  # re-encoded, its parameters kept: still this job's image
+        info = PngInfo()
+        info.add_text("parameters", image.info["parameters"])
+        image.save(out / "images" / names[2], pnginfo=info, compress_level=0)
+    capsys.readouterr()
+
+    summary = run(model, prompts, out)
+    assert (summary.generated, summary.already_done) == (2, 3)
+    assert "2 image(s) in" in capsys.readouterr().err
+    assert all(np.array_equal(images_of(out)[name], reference[name]) for name in names)
+    recorded = {record["file"]: record["sha256"] for record in manifest_of(out)}
+    assert all(recorded[f"images/{name}"] == hashlib.sha256((out / "images" / name).read_bytes()).hexdigest()
+               for name in names)
 
 
 def _saved_command(model, prompts, out, *options) -> list[str]:

@@ -3,7 +3,7 @@
 Exact resume: an image's pixels are a pure function of its task (prompt, negative prompt, seed, steps,
 guidance, sampler, size) and the batch size, never of which other images share its batch (batches are padded
 to full size and each prompt is encoded alone); and an image is done exactly when images/<id>-<k>.png exists,
-which only the rename of a complete file creates. So a rerun after a crash at any point makes exactly the
+which only the rename of a complete file creates, and is still whole (a file damaged since is made again). So a rerun after a crash at any point makes exactly the
 missing images, equal to those an uninterrupted run would have made; the manifest is rebuilt from the files.
 """
 from __future__ import annotations
@@ -134,9 +134,10 @@ def _resolve_defaults(job: BatchJob, pipe) -> JobDefaults:
 
 def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: ImageWriter,
                    force: bool) -> list[ImageTask]:
-    """The tasks without a finished image; finished images missing from the manifest are recorded now."""
+    """The tasks without a finished image; finished images missing from the manifest (or changed since it
+    recorded them) are recorded now, and damaged ones (not a whole PNG) are made again, with a count."""
     records = outputs.all_records(out)
-    pending, stale = [], []
+    pending, stale, damaged = [], [], []
     for task in tasks:
         path = out / task.file
         outputs.temporary_path(path).unlink(missing_ok=True)
@@ -146,17 +147,32 @@ def _pending_tasks(out: Path, tasks: list[ImageTask], model: dict, writer: Image
         record = records.get((task.id, task.k))
         expected = writer.record(task)
         # The weights' hash decides, not the model folder's name: a copied or moved model makes the same images.
-        if record is not None and all(record.get(key) == value for key, value in expected.items() if key != "model"):
+        if (record is not None and all(record.get(key) == value for key, value in expected.items() if key != "model")
+                and _as_recorded(path, record)):
             continue
-        if _made_for(_embedded_parameters(path), task, model["hash"]):
+        whole, parameters = _read_parameters(path)
+        if not whole:
+            damaged.append(task)
+        elif _made_for(parameters, task, model["hash"]):
             writer.record_existing(task, path)
         else:
             stale.append(task)
+    if damaged:
+        print(f"{len(damaged)} image(s) in '{out}' are damaged (not a whole PNG: first {damaged[0].file}); making "
+              "them again", file=sys.stderr)
     if stale and not force:
         raise T2IError(f"{len(stale)} image(s) in '{out}' were made with other parameters than their items now ask "
                        f"for (first: {stale[0].file}); give changed items new ids, use another --out, or --force "
                        "to remake them")
-    return pending + stale
+    return pending + damaged + stale
+
+
+def _as_recorded(path: Path, record: dict) -> bool:
+    """Is the file the size its record says (a cut or overwritten file is not)? A record from before sizes were
+    recorded is checked by its sha256, reading the file; by size, a rerun of a large job reads no image."""
+    if "bytes" in record:
+        return path.stat().st_size == record["bytes"]
+    return record["sha256"] == outputs.sha256_of_file(path)
 
 
 def _made_for(parameters: str | None, task: ImageTask, weights_hash: str) -> bool:
@@ -168,14 +184,17 @@ def _made_for(parameters: str | None, task: ImageTask, weights_hash: str) -> boo
     return name is not None and parameters == format_parameters(task, name, weights_hash)
 
 
-def _embedded_parameters(path: Path) -> str | None:
+def _read_parameters(path: Path) -> tuple[bool, str | None]:
+    """Whether `path` is a whole image (every chunk present and its checksum right), and its embedded parameters."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.info.get("parameters")
-    except OSError:
-        return None
+            parameters = image.info.get("parameters")
+            image.verify()
+    except (OSError, SyntaxError, ValueError):  # PIL reports a broken PNG chunk as SyntaxError
+        return False, None
+    return True, parameters
 
 
 def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter, progress: bool) -> None:

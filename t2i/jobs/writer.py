@@ -27,14 +27,15 @@ class ImageWriter:
         self._thread.start()
 
     def record(self, task: ImageTask) -> dict:
-        """The manifest record of `task`, all but its file's sha256."""
+        """The manifest record of `task`, all but its file's sha256 and size."""
         return {"id": task.id, "k": task.k, "file": task.file, "seed": task.seed, "prompt": task.prompt,
                 "negative_prompt": task.negative_prompt, "steps": task.steps, "guidance": task.guidance,
                 "sampler": task.sampler, "height": task.height, "width": task.width,
                 "model": self.model["name"], "model_hash": self.model["hash"]}
 
     def record_existing(self, task: ImageTask, path: Path) -> None:
-        self.manifest.append({**self.record(task), "sha256": outputs.sha256_of_file(path)})
+        data = path.read_bytes()
+        self.manifest.append({**self.record(task), "sha256": outputs.sha256_of(data), "bytes": len(data)})
 
     def submit(self, tasks: list[ImageTask], images: list) -> None:
         self._raise_if_failed()
@@ -60,7 +61,7 @@ class ImageWriter:
     def _write(self, task: ImageTask, image) -> None:
         data = outputs.png_bytes(image, format_parameters(task, self.model["name"], self.model["hash"]))
         outputs.write_atomically(self.out / task.file, data)
-        self.manifest.append({**self.record(task), "sha256": outputs.sha256_of(data)})
+        self.manifest.append({**self.record(task), "sha256": outputs.sha256_of(data), "bytes": len(data)})
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
