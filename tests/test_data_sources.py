@@ -262,6 +262,24 @@ def test_a_datasets_folder_with_its_own_column_names(tmp_path, monkeypatch):
         build_datasets(replace(config, image_column="image"))
 
 
+def test_an_empty_or_rowless_table_file_is_said_plainly(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    empty = datasets.Dataset.from_dict({"image": [], "text": []},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "text": datasets.Value("string")}))
+    empty.to_parquet(str(tmp_path / "rowless.parquet"))
+    (tmp_path / "empty.parquet").write_bytes(b"")
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "rowless.parquet").read_bytes()[:40])
+    (tmp_path / "header.csv").write_text("image,text\n\n")
+    empty.save_to_disk(str(tmp_path / "saved"))
+    for name, message in [("rowless.parquet", "holds no rows"), ("empty.parquet", "is an empty file"),
+                          ("cut.parquet", "is not a readable parquet file"), ("header.csv", "a header and no rows"),
+                          ("saved", "holds no rows")]:
+        with pytest.raises(T2IError, match=message):
+            build_datasets(DataConfig(dataset="datasets", path=str(tmp_path / name)))
+
+
 def test_a_quarantine_cut_short_by_a_kill_is_read_back(tmp_path):
     from t2i.data.quarantine import Quarantine
 

@@ -6,7 +6,9 @@ and a bad image is quarantined instead of raising inside `datasets`. Entries are
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import datasets
@@ -24,11 +26,13 @@ def load_table(path: str, split: str) -> datasets.Dataset:
     local = Path(path)
     try:
         if local.is_dir():
+            _check_saved_has_rows(local)
             loaded = datasets.load_from_disk(str(local))
         elif local.is_file():
             if local.suffix.lower() not in FILE_BUILDERS:
                 raise T2IError(f"data.path '{path}': datasets reads {', '.join(FILE_BUILDERS)} files, "
                                f"not '{local.suffix}'")
+            _check_has_rows(local)
             loaded = datasets.load_dataset(FILE_BUILDERS[local.suffix.lower()], data_files={split: str(local)})
         else:
             loaded = datasets.load_dataset(path)
@@ -40,8 +44,40 @@ def load_table(path: str, split: str) -> datasets.Dataset:
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise T2IError(f"data.split '{split}' is not in '{path}'; it has {', '.join(loaded)}")
-        return loaded[split]
+        loaded = loaded[split]
+    if len(loaded) == 0:
+        raise T2IError(f"data.path '{path}' holds no rows{f' in split {split!r}' if local.is_dir() else ''}: "
+                       "there are no images to train on")
     return loaded
+
+
+def _check_saved_has_rows(folder: Path) -> None:
+    """A `save_to_disk` folder of no rows has no data files, and `load_from_disk` fails on it with an IndexError."""
+    try:
+        files = json.loads((folder / "state.json").read_text())["_data_files"]
+    except (OSError, ValueError, KeyError, TypeError):  # not a saved Dataset (a DatasetDict, other files): load it
+        return
+    if files == []:
+        raise T2IError(f"data.path '{folder}' holds no rows: there are no images to train on")
+
+
+def _check_has_rows(file: Path) -> None:
+    """An empty file, or a table of no rows, said plainly: `datasets` fails on them deep inside."""
+    if file.stat().st_size == 0:
+        raise T2IError(f"data.path '{file}' is an empty file: there are no images to train on")
+    if file.suffix.lower() == ".csv":
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            if len(list(islice((line for line in lines if line.strip()), 2))) < 2:
+                raise T2IError(f"data.path '{file}' holds a header and no rows: there are no images to train on")
+    if file.suffix.lower() == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            rows = pyarrow.parquet.ParquetFile(file).metadata.num_rows
+        except Exception as error:  # pyarrow's own types: not parquet, cut short
+            raise T2IError(f"data.path '{file}' is not a readable parquet file: {error}") from None
+        if rows == 0:
+            raise T2IError(f"data.path '{file}' holds no rows: there are no images to train on")
 
 
 @dataclass(frozen=True)
