@@ -78,20 +78,27 @@ def test_images_the_metadata_leaves_out_are_counted_and_named_but_not_bad(tmp_pa
 
 
 @pytest.mark.parametrize("metadata", ["jsonl", "csv"])
-def test_a_file_listed_twice_keeps_its_first_row(tmp_path, metadata):
+def test_a_repeated_row_is_a_duplicate_and_another_caption_of_a_file_is_a_sample_of_its_own(tmp_path, capsys,
+                                                                                           metadata):
     folder = clean_folder(tmp_path, count=4, metadata=metadata)
     first, second = sorted(folder.good)[:2]
-    rows = [(first, "listed again"), (f"./{second}", "listed again, spelt another way")]
+    rows = [(first, folder.good[first]), (second, "the same picture, told again"),
+            (second, "and a third time")]
     with (folder.root / f"metadata.{metadata}").open("a") as file:
         file.writelines(json.dumps({"file_name": name, "text": text}) + "\n" if metadata == "jsonl"
-                        else f"{name},{text.replace(',', '')}\n" for name, text in rows)
-    train, _, report = build_datasets(data_config(folder.root, max_bad_fraction=0.5), tmp_path / "run")
-    assert {sample.name: sample.caption for sample in train.samples} == folder.good
-    assert report.skipped == {"duplicate metadata row": 2}
+                        else f'{name},"{text}"\n' for name, text in rows)
+    train, validation, report = build_datasets(data_config(folder.root, validation_fraction=0.25, max_bad_fraction=0.5),
+                                               tmp_path / "run")
+    samples = train.samples + validation.samples
+    assert sorted((sample.name, sample.caption) for sample in samples) == sorted(
+        [*folder.good.items(), *rows[1:]])
+    assert report.skipped == {"duplicate metadata row": 1}
     header = 1 if metadata == "csv" else 0
     assert quarantine_details(tmp_path / "run") == {
-        f"metadata.{metadata}:{5 + header}": f"{first} is already on line {1 + header}",
-        f"metadata.{metadata}:{6 + header}": f"./{second} is already on line {2 + header}"}
+        f"metadata.{metadata}:{5 + header}": f"{first} with the same caption is already on line {1 + header}"}
+    assert "data: 1 image has 3 captions (6 samples from 4 images); each caption is a sample of its own" \
+        in capsys.readouterr().out
+    assert {sample.name for sample in validation.samples}.isdisjoint(sample.name for sample in train.samples)
 
 
 def test_a_sidecar_caption_pairs_with_any_image_pil_reads_and_else_is_named(tmp_path, capsys):

@@ -12,6 +12,7 @@ shapes dataset gives.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
     if quarantine_path is not None:
         write_quarantine(quarantine_path, quarantine.entries)
     report = ScanReport(kept=len(samples), skipped=quarantine.counts, notes=left_out_notes(quarantine.entries))
+    if note := _several_captions_note(samples):
+        report.notes.append(note)
     train_samples, validation_samples = split_validation(samples, config.validation_fraction)
     if validation_samples:
         report.notes.append(f"data: {len(validation_samples)} of them held out for validation "
@@ -109,6 +112,17 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
     validation = (ImageCaptionDataset(validation_samples, config.resolution, "center", False, config.seed)
                   if validation_samples else None)
     return train, validation, report
+
+
+def _several_captions_note(samples: list) -> str | None:
+    """One line on the images that have several captions (several metadata rows), or None when none has."""
+    captions = Counter(sample.name for sample in samples)
+    several = [count for count in captions.values() if count > 1]
+    if not several:
+        return None
+    which = f"1 image has {several[0]} captions" if len(several) == 1 else f"{len(several)} images have several captions"
+    return (f"data: {which} ({len(samples)} samples from {len(captions)} images); each caption is a sample of its "
+            "own")
 
 
 # Each builder is given the quarantine file to write, or None on the processes that write nothing.

@@ -3,6 +3,7 @@ process, and usable on a stream (a member's name decides, without knowing the re
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 from t2i.data.scan import Sample
 
@@ -14,10 +15,17 @@ def holdout_score(name: str) -> float:
 
 
 def split_validation(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
-    """(train, validation): the round(fraction * n) samples (at least one, when fraction > 0) of lowest
-    `holdout_score`, each list in its original order."""
-    if fraction == 0.0 or len(samples) < 2:
+    """(train, validation): the samples of the names of lowest `holdout_score`, taken until they number
+    round(fraction * n) (at least one, when fraction > 0), each list in its original order. The samples of one name
+    (an image with several captions) all go to one side, and the name of highest score always trains."""
+    names = sorted({sample.name for sample in samples}, key=holdout_score)
+    if fraction == 0.0 or len(names) < 2:
         return samples, []
-    count = min(len(samples) - 1, max(1, round(fraction * len(samples))))
-    held = set(sorted(range(len(samples)), key=lambda i: holdout_score(samples[i].name))[:count])
-    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+    count = max(1, round(fraction * len(samples)))
+    per_name = Counter(sample.name for sample in samples)
+    held: set[str] = set()
+    for name in names[:-1]:
+        if sum(per_name[held_name] for held_name in held) >= count:
+            break
+        held.add(name)
+    return ([s for s in samples if s.name not in held], [s for s in samples if s.name in held])

@@ -7,7 +7,9 @@
   (`.jfif`, `.tga`, ...) when it has a caption. A caption that pairs with no image (`x.txt` beside `x.heic` or
   `x.jpg.bak`, or beside nothing) is left out (`CAPTION_WITHOUT_IMAGE`), naming the files beside it.
 
-A `file_name` on several rows keeps its first; the later rows are quarantined as duplicates naming that line.
+A `file_name` on several rows with different captions is an image with several captions (COCO's way): each row
+is a sample of its own. A row that repeats an earlier row's file and caption is quarantined as a duplicate naming
+that line.
 An image (of any extension PIL reads) in a folder with a metadata file but no row in it is left out
 (`NOT_IN_METADATA`): counted and named, not trained on, and not held against `data.max_bad_fraction`.
 
@@ -71,7 +73,7 @@ def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
         rows = _csv_rows(root, caption_column)
     else:
         return sorted(_sidecar_entries(root), key=lambda entry: entry.name)
-    entries = _first_rows(rows, present[0]) + _unlisted_images(root, present[0], rows)
+    entries = _distinct_rows(rows, present[0]) + _unlisted_images(root, present[0], rows)
     return sorted(entries, key=lambda entry: entry.name)
 
 
@@ -179,21 +181,21 @@ def _check_csv_header(path: Path, header: list[str], caption_column: str) -> Non
                        "set data.caption_column to the caption's column")
 
 
-def _first_rows(rows: list[Row], metadata: str) -> list[Entry]:
-    """Each file's first row; a later row naming the same file is quarantined as a duplicate of it.
+def _distinct_rows(rows: list[Row], metadata: str) -> list[Entry]:
+    """Every row but those repeating an earlier row's file and caption, which are quarantined as duplicates of it.
 
-    Two rows for one image are most often a pasted or merged row, not two captions meant: training on both would
-    weigh that image twice without saying so, and the first row is the one a reader of the file meets first.
+    A repeated row is a pasted or merged one: training on both would weigh that image twice without saying so.
+    The same file with another caption is one more caption of it, as COCO-style metadata lists them.
     """
-    first_line: dict[str, int] = {}
+    first_line: dict[tuple[str, str | None], int] = {}
     entries = []
     for number, entry, _ in rows:
-        key = PurePosixPath(entry.name).as_posix()
-        if key in first_line:
-            detail = f"{entry.name} is already on line {first_line[key]}"
+        key = (PurePosixPath(entry.name).as_posix(), entry.caption)
+        if key in first_line and entry.problem is None:
+            detail = f"{entry.name} with the same caption is already on line {first_line[key]}"
             entries.append(Entry(f"{metadata}:{number}", None, None, Rejected(DUPLICATE_ROW, detail)))
             continue
-        first_line[key] = number
+        first_line.setdefault(key, number)
         entries.append(entry)
     return entries
 
