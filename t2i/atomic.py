@@ -78,6 +78,29 @@ def check_replaceable(target: Path, markers: tuple[str, ...], what: str) -> None
                        "the whole folder: give a new or empty folder")
 
 
+def give_default_modes(path: Path) -> None:
+    """Give the file at `path`, or every file under it, the mode a plain `open()` gives under this process's umask:
+    safetensors writes its files 0600 whatever the umask, so weights in a shared folder were unreadable to others."""
+    mode = 0o666 & ~_umask()
+    files = [path] if path.is_file() else [file for file in path.rglob("*") if file.is_file()]
+    for file in files:
+        if not file.is_symlink():
+            os.chmod(file, mode)
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it where Linux shows it (setting it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _beside(target: Path, role: str) -> Path:
     return target.with_name(f".{target.name}.{role}")
 
@@ -97,6 +120,7 @@ def write_folder(target: Path, what: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         yield staging
+        give_default_modes(staging)
         replace_folder(staging, target)
     except (OSError, SafetensorError) as error:  # safetensors reports its write errors as its own type
         shutil.rmtree(staging, ignore_errors=True)
@@ -114,6 +138,7 @@ def write_file(target: Path) -> Iterator[Path]:
     draft = target.with_name(f"{target.name}.{os.getpid()}{STAGING_SUFFIX}")
     try:
         yield draft
+        give_default_modes(draft)
         os.replace(draft, target)
     finally:
         draft.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from t2i import atomic
 from t2i.cli import main
@@ -449,6 +450,20 @@ def test_a_pipeline_is_not_saved_over_a_file_or_a_folder_of_other_files(tiny_pip
     tiny_pipeline.save_pretrained(tmp_path / "empty")
     tiny_pipeline.save_pretrained(tmp_path / "empty")  # a previous pipeline is replaced
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "file", "mine"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_weights_get_the_mode_the_umask_gives_other_files(tiny_pipeline, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        tiny_pipeline.save_pretrained(tmp_path / "pipe")
+        with atomic.write_file(tmp_path / "cache.safetensors") as draft:
+            save_file({"x": torch.zeros(2)}, draft)
+    finally:
+        os.umask(previous)
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".safetensors" for path in files)
+    assert {oct(stat.S_IMODE(path.stat().st_mode)) for path in files} == {oct(0o666 & ~umask)}
 
 
 @pytest.mark.parametrize("can_exchange", [True, False])
