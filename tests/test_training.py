@@ -162,6 +162,14 @@ def test_a_stage_without_the_stages_it_builds_on_is_refused_before_anything_trai
     assert not (run_dir / "vae").exists() and not (run_dir / "unet").exists()
     with pytest.raises(T2IError, match=r"stage 'classifier' builds on trained 'vae'"):
         run_training(tiny_config(tmp_path / "other", "stages=[classifier]"))
+    with pytest.raises(T2IError, match=r"stage 'sr' builds on trained 'clip'"):
+        run_training(tiny_config(tmp_path / "other", "stages=[sr]"))
+
+
+def test_a_partial_run_names_its_extra_stages_in_the_command_that_completes_it(tmp_path, capsys):
+    config = tiny_config(tmp_path / "run", "stages=[clip,sr]", "train.sr.steps=2", "train.clip.steps=2")
+    assert run_training(config) is None
+    assert "--resume --set stages=[vae,unet,sr]" in capsys.readouterr().out
 
 
 def test_a_run_of_some_stages_says_what_the_pipeline_still_needs_and_a_resume_completes_it(tmp_path, capsys):
