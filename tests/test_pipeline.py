@@ -187,6 +187,12 @@ def test_ddim_eta_adds_noise_and_other_samplers_refuse_it(tiny_pipeline):
         tiny_pipeline("a red circle", sampler="euler", eta=1.0)
 
 
+@pytest.mark.parametrize("sampler", ["pc", "annealed_langevin", "pf_ode"])
+def test_samplers_written_in_t2i_refuse_eta_instead_of_ignoring_it(tiny_pipeline, sampler):
+    with pytest.raises(T2IError, match=f"eta 0.5 is DDIM's; sampler '{sampler}' takes none"):
+        tiny_pipeline("a red circle", sampler=sampler, eta=0.5, num_inference_steps=1)
+
+
 # Not "pc": on latent models it saturates the image whatever the prompt (docs/samplers.md, "Known problems").
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_guidance_rescale_and_dynamic_thresholding_change_the_image(tiny_pipeline, sampler):

@@ -311,6 +311,8 @@ class Text2ImagePipeline:
         `guide` (see `classifier_guide`) shifts the guided prediction at every step: classifier guidance.
         """
         if sampler in SCORE_SAMPLERS:
+            if eta != 0.0:  # their noise is their own (Langevin steps, the SDE's); DDIM's η has no place in it
+                raise T2IError(f"eta {eta} is DDIM's; sampler {sampler!r} takes none: use --sampler ddim")
             return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height, width,
                                                    sampler, guidance_rescale, dynamic_threshold, guide)
         scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
