@@ -109,6 +109,11 @@ def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
     (dict(seed=-1), r"seeds must lie in 0\.\.9223372036854775807"),
     (dict(seed=2**70), r"seeds must lie in 0\.\."),
     (dict(height=2**20, width=2**20), r"1048576x1048576 at batch 1 needs at least \d+ GiB to decode, more than"),
+    (dict(batch_size=-1), r"batch_size must be at least 1; got -1"),
+    (dict(batch_size=0), r"batch_size must be at least 1; got 0"),
+    (dict(batch_size=1.5), r"batch_size must be an integer; got 1.5"),
+    (dict(negative_prompt=3), r"negative prompt 0 is a int, not a string"),
+    (dict(negative_prompt=[b"blue"]), r"negative prompt 0 is a bytes, not a string"),
 ])
 def test_arguments_of_the_wrong_type_or_range_are_refused_before_any_work(tiny_pipeline, arguments, message):
     with pytest.raises(T2IError, match=message):

@@ -206,6 +206,8 @@ class Text2ImagePipeline:
             self._require_sr().check_size(height, width)
         labels = prompt_labels(prompts, self._require_classifier().config.labels) if classifier_guidance else None
 
+        if batch_size is not None:
+            _check_number("batch_size", batch_size, 1, None, integer=True)
         batch_size = batch_size or len(prompts)
         self._check_memory(min(batch_size, len(prompts)), height, width)
         images: list[Image.Image] = []
@@ -441,10 +443,13 @@ def _as_prompt_list(prompt) -> list[str]:
 def _as_negative_list(negative_prompt, count: int) -> list[str]:
     if negative_prompt is None or isinstance(negative_prompt, str):
         return [negative_prompt or ""] * count
-    negatives = list(negative_prompt)
+    negatives = list(negative_prompt) if isinstance(negative_prompt, Iterable) else [negative_prompt]
     if len(negatives) != count:
         raise T2IError(f"got {len(negatives)} negative prompts for {count} prompts; give one, or one per prompt")
-    return negatives
+    for i, text in enumerate(negatives):
+        if text is not None and not isinstance(text, str):
+            raise T2IError(f"negative prompt {i} is a {type(text).__name__}, not a string")
+    return [text or "" for text in negatives]
 
 
 def _as_seed_list(seed, count: int) -> list[int]:
