@@ -3,6 +3,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import build_tiny_pipeline
 
@@ -210,3 +211,20 @@ def test_guidance_rescale_and_dynamic_thresholding_change_the_image(tiny_pipelin
 def test_dynamic_thresholding_needs_a_sampler_that_sees_x0(tiny_pipeline):
     with pytest.raises(T2IError, match="sampler 'euler' cannot threshold"):
         tiny_pipeline("a red circle", sampler="euler", dynamic_threshold=0.995)
+
+
+def test_latents_a_sampler_made_non_finite_are_blamed_on_the_sampler_not_the_unet(tiny_pipeline, monkeypatch):
+    """diffusers' euler_a made NaN latents from finite predictions (σ_down² = σ_to² − σ_up² rounded below 0 at 3 steps of
+    the cosine schedule); the next predictions were NaN too, and the message blamed the U-Net's weights."""
+    from t2i.pipeline import pipeline as pipeline_module
+
+    def failing(*args, **kwargs):
+        scheduler = make_scheduler(*args, **kwargs)
+        step = scheduler.step
+        scheduler.step = lambda *a, **k: type(step(*a, **k))(prev_sample=torch.full_like(a[2], float("nan")))
+        return scheduler
+
+    make_scheduler = pipeline_module.make_scheduler
+    monkeypatch.setattr(pipeline_module, "make_scheduler", failing)
+    with pytest.raises(T2IError, match="sampler 'euler' produced non-finite latents at 3 steps"):
+        tiny_pipeline("a red circle", sampler="euler", num_inference_steps=3)

@@ -328,13 +328,15 @@ class Text2ImagePipeline:
         step_kwargs = _step_kwargs(scheduler, generators, eta)
         if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
             scheduler.noise_sampler_seed = list(seeds)
-        predictions_finite = torch.ones((), dtype=torch.bool, device=self.device)  # checked once, after the loop
+        # Checked once, after the loop: did the U-Net make non-finite predictions from finite latents? Once the
+        # sampler's own arithmetic has made the latents non-finite, every later prediction is too, not the U-Net's fault.
+        unet_failed = torch.zeros((), dtype=torch.bool, device=self.device)
         learned_variance = predicts_variance(self.scheduler_config)
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t).to(self.dtype)
             prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
-            predictions_finite &= torch.isfinite(prediction).all()
+            unet_failed |= torch.isfinite(model_input).all() & ~torch.isfinite(prediction).all()
             if learned_variance:  # guidance acts on the prediction half alone
                 prediction, variance = split_variance(prediction)
             if use_guidance:
@@ -344,7 +346,7 @@ class Text2ImagePipeline:
             if predicts_variance(scheduler.config):  # `ddpm`: the conditional variance, as DeepFloyd IF's pipeline
                 prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
-        if not predictions_finite:
+        if unet_failed:
             raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
                                   "its weights have diverged or overflow in this dtype")
         if not torch.isfinite(latents).all():
