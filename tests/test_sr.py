@@ -125,6 +125,16 @@ def test_generate_with_upscale_is_generate_then_upscale(cascade):
     assert _pixels(direct) == _pixels(two_steps)
 
 
+@pytest.mark.parametrize("sampler", ["euler_a", "ddpm", "dpmpp_sde"])
+def test_a_stochastic_sampler_upscales_each_image_from_its_own_seed(cascade, sampler):
+    """Their step noise was drawn from the global RNG: the same seed gave another image at every call."""
+    images = cascade(PROMPTS, seed=0, num_inference_steps=1)
+    together = cascade.upscale(images, PROMPTS, seed=[5, 9], sampler=sampler)
+    assert _pixels(together) == _pixels(cascade.upscale(images, PROMPTS, seed=[5, 9], sampler=sampler))
+    alone = cascade.upscale(images[1:], PROMPTS[1:], seed=9, sampler=sampler)
+    assert np.abs(np.asarray(together[1], dtype=int) - np.asarray(alone[0], dtype=int)).max() <= 1
+
+
 def test_bad_upscale_calls_are_one_clear_error(cascade):
     plain = build_tiny_pipeline()
     with pytest.raises(T2IError, match="no super-resolution stage"):

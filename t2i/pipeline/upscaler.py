@@ -6,6 +6,7 @@ A folder `sr/` beside a pipeline's other components holds it: `unet/` (a diffuse
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -96,13 +97,17 @@ class Upscaler:
         unet_timesteps = set_timesteps(scheduler, sampler, steps, device)
         shape = (len(seeds), low.shape[1], low.shape[2] * self.factor, low.shape[3] * self.factor)
         x = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        # Ancestral samplers' noise comes from the images' own generators, as in Text2ImagePipeline.denoise
+        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
+            scheduler.noise_sampler_seed = list(seeds)
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = scheduler.scale_model_input(torch.cat([x] * 2) if use_guidance else x, t)
             prediction = self.predict(self.unet, model_input, condition, unet_t, context, levels)
             if use_guidance:
                 uncond, cond = prediction.chunk(2)
                 prediction = classifier_free_guidance(uncond, cond, guidance)
-            x = scheduler.step(prediction, t, x).prev_sample
+            x = scheduler.step(prediction, t, x, **step_kwargs).prev_sample
         if not torch.isfinite(x).all():
             raise T2IError(f"the SR stage produced non-finite pixels with sampler {sampler!r} at {steps} steps")
         return (upsample(low, self.factor) + x / self.residual_scale if self.residual else x).clamp(-1, 1)
