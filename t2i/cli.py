@@ -344,9 +344,12 @@ def _image_paths(out: Path, count: int) -> list[Path]:
 
 
 def _save_images(images, paths: list[Path]) -> None:
-    paths[0].parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, paths, strict=True):
-        image.save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path)
+        except OSError as error:  # no permission, a full disk, a read-only or virtual file system
+            raise T2IError(f"cannot write '{path}': {error.strerror or error}; give --out in a writable folder") from None
         print(path)
 
 

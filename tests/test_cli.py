@@ -5,6 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
+from t2i import Text2ImagePipeline
 from t2i.cli import main
 
 from conftest import TINY_CONFIG
@@ -101,6 +102,24 @@ def test_errors_are_one_clear_line(trained_run, tmp_path, capsys, args, message)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "upscale"])
+def test_an_image_that_cannot_be_written_is_one_clear_line(trained_run, tmp_path, capsys, monkeypatch, command):
+    """A full disk or a folder without write permission ended in a traceback from PIL, after the work was done."""
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if command == "upscale":  # no SR stage is needed to reach the save: pipe.upscale is replaced
+        Image.new("RGB", (32, 32)).save(tmp_path / "low.png")
+        monkeypatch.setattr(Text2ImagePipeline, "upscale", lambda self, images, *a, **k: images)
+    monkeypatch.setattr(Image.Image, "save", no_space)
+    args = (["generate", "a red circle", "--steps", "1"] if command == "generate"
+            else ["upscale", str(tmp_path / "low.png"), "--prompt", "a red circle"])
+    assert main([*args, "--model", str(trained_run / "pipeline"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write '{tmp_path / 'x.png'}': No space left on device; give --out in a writable folder" in err
     assert "Traceback" not in err
 
 
