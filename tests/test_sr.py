@@ -150,6 +150,17 @@ def test_bad_upscale_calls_are_one_clear_error(cascade):
         cascade.upscale(images[:1], "a red circle", guidance_scale=float("nan"))
 
 
+@pytest.mark.parametrize("arguments, message", [
+    (dict(num_inference_steps=2.5), "num_inference_steps must be an integer; got 2.5"),
+    (dict(num_inference_steps=5000), r"num_inference_steps must be in \[1, 1000\]; got 5000"),
+    (dict(noise_level=1.5), "noise_level must be an integer; got 1.5"),
+])
+def test_upscale_arguments_of_the_wrong_type_or_range_are_refused(cascade, arguments, message):
+    """2.5 steps and noise level 1.5 were taken (the level cut to 1); 5000 steps ended in an IndexError."""
+    with pytest.raises(T2IError, match=message):
+        cascade.upscale([Image.new("RGB", (32, 32))], "a red circle", **arguments)
+
+
 def test_a_16_bit_image_is_upscaled_as_its_8_bit_levels_not_clipped_white(cascade):
     levels = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60  # 0..61380 of 65535
     sixteen = Image.fromarray(levels)

@@ -272,13 +272,16 @@ class Text2ImagePipeline:
         defaults = sr.defaults
         guidance = guidance_scale if guidance_scale is not None else defaults["guidance_scale"]
         _check_number("guidance_scale", guidance, None, None)
+        steps = num_inference_steps if num_inference_steps is not None else defaults["num_inference_steps"]
+        trained = sr.scheduler_config["num_train_timesteps"]
+        _check_number("num_inference_steps", steps, 1, trained, integer=True)
+        noise_level = noise_level if noise_level is not None else defaults["noise_level"]
+        _check_number("noise_level", noise_level, 0, None, integer=True)
         pixels = torch.stack([torch.from_numpy(np.asarray(to_rgb8(image), dtype=np.float32))
                               for image in images]).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, h, w) in [-1, 1]
         high = sr.sample(pixels, self.encode_prompts(prompts),
                          self.encode_prompts(negatives) if guidance != 1.0 else None, _as_seed_list(seed, len(images)),
-                         num_inference_steps if num_inference_steps is not None else defaults["num_inference_steps"],
-                         guidance, noise_level if noise_level is not None else defaults["noise_level"],
-                         sampler or defaults["sampler"])
+                         steps, guidance, noise_level, sampler or defaults["sampler"])
         return _to_pil(high)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
