@@ -14,7 +14,7 @@ import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from t2i.diffusion.sampler_names import SAMPLER_NAMES
+from t2i.diffusion.sampler_names import SAMPLER_NAMES, SCHEDULER_SAMPLER_NAMES
 from t2i.errors import T2IError
 
 
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     upscale.add_argument("--noise-level", type=int, default=None,
                          help="Gaussian noise level added to the low-resolution images first (0: none; default: the "
                               "SR stage's)")
-    upscale.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+    upscale.add_argument("--sampler", choices=SCHEDULER_SAMPLER_NAMES, default=None,
                          help="sampling method (default: the SR stage's)")
     upscale.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
     upscale.add_argument("--out", type=Path, default=Path("t2i-upscaled.png"),
@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
                     "built in.")
     export.add_argument("--model", type=Path, required=True, help="pipeline folder to export (t2i or diffusers SD)")
     export.add_argument("--out", type=Path, required=True, help="the diffusers folder to write (replaced whole)")
-    export.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+    export.add_argument("--sampler", choices=SCHEDULER_SAMPLER_NAMES, default=None,
                         help="the scheduler written to OUT/scheduler (default: the pipeline's sampler)")
     export.add_argument("--allow-pickle", action="store_true",
                         help="read pickle weight files, which can run code when loaded; only for files you trust")

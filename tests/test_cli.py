@@ -52,6 +52,18 @@ def test_sampler_names_for_the_command_line_equal_the_registry():
     assert SAMPLER_NAMES == ALL_SAMPLERS
 
 
+@pytest.mark.parametrize("command", [["upscale", "x.png", "--prompt", "a"], ["export", "--out", "o"]])
+def test_upscale_and_export_offer_only_the_samplers_they_can_use(capsys, command):
+    """pc, annealed_langevin and pf_ode have no diffusers scheduler: --help listed them, and they failed later."""
+    from t2i.diffusion.sampler_names import SCHEDULER_SAMPLER_NAMES
+    from t2i.diffusion.samplers import SAMPLERS
+
+    assert SCHEDULER_SAMPLER_NAMES == tuple(SAMPLERS)
+    with pytest.raises(SystemExit):
+        main([*command, "--model", "m", "--sampler", "pc"])
+    assert "invalid choice: 'pc'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("command", [[], *([name] for name in OPTIONS)])
 def test_help_imports_neither_torch_nor_diffusers(command):
     code = ("import sys\nfrom t2i.cli import main\ntry:\n    main(sys.argv[1:] + ['--help'])\n"

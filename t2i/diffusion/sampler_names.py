@@ -5,3 +5,5 @@
 
 SAMPLER_NAMES: tuple[str, ...] = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_sde", "euler", "euler_a", "heun", "heun_karras",
                                   "lms", "unipc", "pc", "annealed_langevin", "pf_ode")
+# The diffusers schedulers alone: what the SR stage (t2i upscale) and an exported diffusers folder can use.
+SCHEDULER_SAMPLER_NAMES: tuple[str, ...] = SAMPLER_NAMES[:-3]
