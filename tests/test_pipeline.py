@@ -80,6 +80,9 @@ def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
         tiny_pipeline(["a red circle", ""])
     with pytest.raises(T2IError, match="no prompt"):
         tiny_pipeline([])
+    for prompt, kind in ((None, "NoneType"), (3, "int")):  # were TypeErrors from list()
+        with pytest.raises(T2IError, match=f"prompt must be a string or a list of strings; got {kind}"):
+            tiny_pipeline(prompt)
     with pytest.raises(T2IError, match="height 33 is not a positive multiple of the VAE's latent factor 2"):
         tiny_pipeline("a red circle", height=33)
     with pytest.raises(T2IError, match="seed must be an int or a list of 2 ints"):

@@ -434,6 +434,8 @@ def _step_kwargs(scheduler, generators: list[torch.Generator], eta: float = 0.0)
 
 
 def _as_prompt_list(prompt) -> list[str]:
+    if not isinstance(prompt, (str, Iterable)):
+        raise T2IError(f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise T2IError("no prompt given: pass a non-empty string or a list of them")
