@@ -167,6 +167,21 @@ def test_asking_for_a_missing_gpu_is_a_clear_error(tiny_pipeline):
     assert tiny_pipeline.device.type == "cpu"
 
 
+def test_to_takes_a_dtype_alone_and_refuses_bad_devices_and_dtypes_in_one_line():
+    """pipe.to(torch.bfloat16), which diffusers' pipelines take, failed inside torch.device; so did 'gpu' or a dtype
+    given as a string."""
+    import torch
+
+    pipe = build_tiny_pipeline()
+    assert pipe.to(torch.bfloat16).dtype == torch.bfloat16 and pipe.device.type == "cpu"
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16
+    with pytest.raises(T2IError, match="unknown device 'gpu'; use 'cpu', 'cuda'"):
+        pipe.to("gpu")
+    for dtype in ("float32", "bf16", torch.int8):
+        with pytest.raises(T2IError, match="dtype must be a floating-point torch.dtype"):
+            pipe.to("cpu", dtype)
+
+
 def test_clip_skip_is_saved_with_the_pipeline(tmp_path):
     pipe = build_tiny_pipeline()
     full_depth = pixels(pipe("a small red square", seed=3))

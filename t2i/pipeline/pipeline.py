@@ -46,7 +46,10 @@ def default_device() -> torch.device:
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         return default_device()
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise T2IError(f"unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'auto'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise T2IError("device 'cuda' was asked for, but PyTorch sees no CUDA GPU here; use --device cpu")
     return device
@@ -103,7 +106,15 @@ class Text2ImagePipeline:
         storage.save_components(Path(path), self.vae, self.text_encoder, self.unet, self.scheduler_config,
                                 self.defaults, self.sr, self.classifier)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
+    def to(self, device: str | torch.device | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
+        """Move to `device` (None or "auto": CUDA if present, else CPU) in `dtype` (None: the device's default).
+        `pipe.to(torch.bfloat16)`, as diffusers' pipelines take it, keeps the device."""
+        if isinstance(device, torch.dtype) and dtype is None:
+            device, dtype = self.device, device
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise T2IError(f"dtype must be a floating-point torch.dtype such as torch.float32 or torch.bfloat16; "
+                           f"got {dtype!r}")
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
         for module in (self.vae, self.text_encoder, self.unet):
