@@ -144,6 +144,23 @@ def set_timesteps(scheduler: SchedulerMixin, name: str, steps: int, device: torc
     return scheduler.timesteps.to(device)
 
 
+def seeded_step_kwargs(scheduler: SchedulerMixin, seeds: list[int], generators: list[torch.Generator],
+                       eta: float = 0.0) -> dict:
+    """The extra arguments StableDiffusionPipeline hands to `scheduler.step` (eta, 0 by default, and the images'
+    generators, so that ancestral noise follows each image's seed); DPM++ SDE gets a Brownian tree per image seed."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    elif eta != 0.0:
+        raise T2IError(f"eta {eta} is DDIM's; the {type(scheduler).__name__} sampler takes none: use --sampler ddim")
+    if "generator" in accepted:
+        kwargs["generator"] = generators
+    if hasattr(scheduler, "noise_sampler_seed"):
+        scheduler.noise_sampler_seed = list(seeds)
+    return kwargs
+
+
 def supports_zero_terminal_snr(name: str) -> bool:
     """Whether sampler `name` honours a config's `rescale_betas_zero_snr` (t2i's own samplers take the σ ladder of
     `euler`, which does)."""

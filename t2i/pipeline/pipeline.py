@@ -6,7 +6,6 @@ calls, same post-processing), so a Stable Diffusion folder gives the same images
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import os
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from t2i.data.images import to_rgb8
 from t2i.diffusion.guidance import guide_batched
-from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler, set_timesteps
+from t2i.diffusion.samplers import SCORE_SAMPLERS, check_sampler, make_scheduler, seeded_step_kwargs, set_timesteps
 from t2i.diffusion.vlb import predicts_variance, split_variance
 from t2i.errors import T2IError
 from t2i.models.classifier import NoisyLatentClassifier
@@ -339,11 +338,10 @@ class Text2ImagePipeline:
         unet_timesteps = set_timesteps(scheduler, sampler, steps, self.device)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latents = self._initial_noise(generators, height, width) * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generators, eta)
-        if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
-            scheduler.noise_sampler_seed = list(seeds)
+        step_kwargs = seeded_step_kwargs(scheduler, seeds, generators, eta)
         # Checked once, after the loop: did the U-Net make non-finite predictions from finite latents? Once the
-        # sampler's own arithmetic has made the latents non-finite, every later prediction is too, not the U-Net's fault.
+        # sampler's own arithmetic has made the latents non-finite, every later prediction is too, through no fault
+        # of the U-Net.
         unet_failed = torch.zeros((), dtype=torch.bool, device=self.device)
         learned_variance = predicts_variance(self.scheduler_config)
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
@@ -429,19 +427,6 @@ def _to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images; fp32 before rounding, so that bf16 output loses no level of 255."""
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(image) for image in (pixels * 255).round().astype(np.uint8)]
-
-
-def _step_kwargs(scheduler, generators: list[torch.Generator], eta: float = 0.0) -> dict:
-    """The extra arguments StableDiffusionPipeline hands to `scheduler.step`: eta (0 by default) and the generators."""
-    accepted = set(inspect.signature(scheduler.step).parameters)
-    kwargs = {}
-    if "eta" in accepted:
-        kwargs["eta"] = eta
-    elif eta != 0.0:
-        raise T2IError(f"eta {eta} is DDIM's; the {type(scheduler).__name__} sampler takes none: use --sampler ddim")
-    if "generator" in accepted:
-        kwargs["generator"] = generators
-    return kwargs
 
 
 def _as_prompt_list(prompt) -> list[str]:

@@ -6,7 +6,6 @@ A folder `sr/` beside a pipeline's other components holds it: `unet/` (a diffuse
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from t2i.diffusion.guidance import classifier_free_guidance
-from t2i.diffusion.samplers import check_sampler, make_scheduler, set_timesteps
+from t2i.diffusion.samplers import check_sampler, make_scheduler, seeded_step_kwargs, set_timesteps
 from t2i.diffusion.schedules import scheduler_alphas_cumprod
 from t2i.diffusion.super_resolution import augment_condition, upsample
 from t2i.errors import T2IError
@@ -97,10 +96,7 @@ class Upscaler:
         unet_timesteps = set_timesteps(scheduler, sampler, steps, device)
         shape = (len(seeds), low.shape[1], low.shape[2] * self.factor, low.shape[3] * self.factor)
         x = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        # Ancestral samplers' noise comes from the images' own generators, as in Text2ImagePipeline.denoise
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        if hasattr(scheduler, "noise_sampler_seed"):  # DPM++ SDE: a Brownian tree per image, from the image's seed
-            scheduler.noise_sampler_seed = list(seeds)
+        step_kwargs = seeded_step_kwargs(scheduler, seeds, generators)
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = scheduler.scale_model_input(torch.cat([x] * 2) if use_guidance else x, t)
             prediction = self.predict(self.unet, model_input, condition, unet_t, context, levels)
