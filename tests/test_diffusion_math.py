@@ -139,6 +139,30 @@ def test_every_sampler_builds_and_unknown_names_are_listed():
         make_scheduler("pc", config)
 
 
+def test_euler_ancestral_keeps_its_noise_levels_finite_at_the_cosine_schedules_sigma_max():
+    """diffusers' float32 σ_down is NaN at 3 trailing steps of the cosine schedule; t2i's float64 σ is not, and it
+    steps as diffusers' does, within float32's rounding, where diffusers' does not fail."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from t2i.diffusion.samplers import set_timesteps
+
+    config = scheduler_config("cosine", T, "v_prediction")
+
+    def sample(scheduler, steps: int) -> torch.Tensor:
+        set_timesteps(scheduler, "euler_a", steps, torch.device("cpu"))
+        x = torch.ones(1, 4, 4, 4) * scheduler.init_noise_sigma
+        generator = torch.Generator().manual_seed(0)
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(x, t)
+            x = scheduler.step(0.1 * model_input, t, x, generator=generator).prev_sample
+        return x
+
+    assert torch.isfinite(sample(make_scheduler("euler_a", config), 3)).all()
+    for steps in (4, 10):
+        assert torch.allclose(sample(make_scheduler("euler_a", config), steps),
+                              sample(EulerAncestralDiscreteScheduler.from_config(config), steps), atol=1e-3)
+
+
 def test_learning_rate_warms_up_then_decays_to_its_floor():
     config = TrainConfig(steps=110, warmup_steps=10, lr_schedule="cosine", final_learning_rate_fraction=0.1)
     assert lr_multiplier(0, config) == pytest.approx(0.1)
