@@ -71,6 +71,24 @@ def test_save_and_load_round_trip(tiny_pipeline, tmp_path):
     assert loaded.defaults["guidance_scale"] == tiny_pipeline.defaults["guidance_scale"]
 
 
+def test_weights_rounded_by_a_cast_are_not_saved_unless_asked(tmp_path):
+    from t2i.pipeline.export import export_diffusers
+
+    pipe = Text2ImagePipeline.from_pretrained(_saved(build_tiny_pipeline(), tmp_path / "fp32"), device="cpu")
+    pipe.to(torch.bfloat16).to(torch.float32)  # back in float32, but with the bf16-rounded values
+    for save in (lambda: pipe.save_pretrained(tmp_path / "copy"), lambda: export_diffusers(pipe, tmp_path / "sd")):
+        with pytest.raises(T2IError, match="fp32 weights were rounded to bf16 .* dtype=torch.float32"):
+            save()
+    assert not (tmp_path / "copy").exists() and not (tmp_path / "sd").exists()
+    pipe.save_pretrained(tmp_path / "copy", allow_rounded=True)
+    Text2ImagePipeline.from_pretrained(tmp_path / "fp32", device="cpu").save_pretrained(tmp_path / "again")
+
+
+def _saved(pipe: Text2ImagePipeline, path) -> object:
+    pipe.save_pretrained(path)
+    return path
+
+
 def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
     with pytest.raises(T2IError, match="unknown sampler 'fast'; valid samplers: ddpm, ddim, dpmpp_2m"):
         tiny_pipeline("a red circle", sampler="fast")

@@ -37,6 +37,7 @@ def export_folder(model: str | Path, out: str | Path, sampler: str | None = None
 def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | None = None) -> Path:
     """Write `pipe` to `out` in diffusers' Stable Diffusion layout, with `sampler` (default: the pipeline's)."""
     check_no_adapters(pipe)
+    pipe.check_unrounded()
     out = Path(out)
     check_replaceable(out, PIPELINE_MARKERS, "the diffusers pipeline")
     sampler = sampler or pipe.defaults["sampler"]

@@ -31,7 +31,7 @@ from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.classifier_guidance import Guide, classifier_guide, prompt_labels
 from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
-from t2i.pipeline.speed import SpeedOptions, apply_speed_options, network_dtype
+from t2i.pipeline.speed import SpeedOptions, apply_speed_options, dtype_name, network_dtype
 from t2i.pipeline.upscaler import Upscaler
 
 logger = logging.getLogger("t2i")
@@ -87,6 +87,8 @@ class Text2ImagePipeline:
         self.sr = sr
         self.classifier = classifier.eval() if classifier is not None else None
         self.device, self.dtype = self.unet.device, self.unet.dtype
+        # The weights' own precision, as made or loaded, and the fewest bits `to` has since rounded them to.
+        self.weights_dtype = self.rounded_to = self.unet.dtype
 
     # ----------------------------------------------------------------- loading, saving, moving
 
@@ -101,9 +103,22 @@ class Text2ImagePipeline:
         pipe = cls(**storage.load_components(Path(path), allow_pickle))
         return pipe.to(device, dtype)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, allow_rounded: bool = False) -> None:
+        """Write the pipeline folder; see `check_unrounded` for `allow_rounded`."""
+        self.check_unrounded(allow_rounded)
         storage.save_components(Path(path), self.vae, self.text_encoder, self.unet, self.scheduler_config,
                                 self.defaults, self.sr, self.classifier)
+
+    def check_unrounded(self, allow_rounded: bool = False) -> None:
+        """Refuse to save weights that `to` or `speed_up` (or the GPU's bf16 default) rounded to fewer bits than
+        they were made or loaded with: the lost bits could never be recovered from what is written. With
+        `allow_rounded` they are saved so, on purpose (half the size)."""
+        if allow_rounded or torch.finfo(self.rounded_to).bits >= torch.finfo(self.weights_dtype).bits:
+            return
+        raise T2IError(f"this pipeline's {dtype_name(self.weights_dtype)} weights were rounded to "
+                       f"{dtype_name(self.rounded_to)} (by `to`, `speed_up` or the GPU's default), and saving would "
+                       "keep only the rounded weights: load it again with dtype=torch.float32 to save it, or pass "
+                       "allow_rounded=True to save the rounded weights on purpose")
 
     def to(self, device: str | torch.device | torch.dtype | None = None,
            dtype: torch.dtype | None = None) -> "Text2ImagePipeline":
@@ -116,6 +131,8 @@ class Text2ImagePipeline:
                            f"got {dtype!r}")
         self.device = resolve_device(device)
         self.dtype = dtype or default_dtype(self.device)
+        if torch.finfo(self.dtype).bits < torch.finfo(self.rounded_to).bits:
+            self.rounded_to = self.dtype
         for module in (self.vae, self.text_encoder, self.unet):
             module.to(self.device)
             if next(module.parameters()).dtype != self.dtype:
