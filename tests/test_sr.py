@@ -224,6 +224,16 @@ def test_the_sr_stage_trains_into_the_pipeline_and_resumes_exactly(trained_run, 
         assert all(torch.equal(ours[key], theirs[key]) for key in theirs), name
 
 
+def test_a_resume_that_does_not_list_the_trained_sr_stage_keeps_it_in_the_pipeline(trained_run, tmp_path):
+    """The pipeline is assembled again by every run in the folder: one with the default stages (or another
+    added stage) must not drop the SR stage trained there before."""
+    run_dir = tmp_path / "run"
+    copy_base_stages(trained_run, run_dir)
+    run_training(tiny_config(run_dir, "stages=[vae,clip,unet,sr]", "train.sr.steps=1"), resume=True)
+    run_training(tiny_config(run_dir, "train.sr.steps=1"), resume=True)  # stages: [vae, clip, unet]
+    assert Text2ImagePipeline.from_pretrained(run_dir / "pipeline", device="cpu").sr is not None
+
+
 def test_a_4x_stage_upscales_by_four_and_saves_its_factor(cascade, tmp_path):
     config = replace(load_config(TINY_CONFIG).sr, factor=4)
     torch.manual_seed(0)

@@ -357,6 +357,12 @@ def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
     return run_dir / "pipeline"
 
 
+def _trained(run_dir: Path, stage: str) -> bool:
+    """Is `stage` trained in `run_dir`? The pipeline holds every optional stage trained there, listed in this run's
+    stages or in an earlier one's (a resume that trains another stage, or none, keeps them)."""
+    return (run_dir / stage / FINAL).is_dir()
+
+
 def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
     unet_folder = run_dir / "unet" / FINAL
     if not unet_folder.is_dir():
@@ -367,8 +373,8 @@ def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
         unet_scheduler_config(config),
         defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                   "sampler": sampling.sampler},
-        sr=load_sr(config, run_dir) if "sr" in config.stages else None,
-        classifier=load_classifier(run_dir) if "classifier" in config.stages else None,
+        sr=load_sr(config, run_dir) if _trained(run_dir, "sr") else None,
+        classifier=load_classifier(run_dir) if _trained(run_dir, "classifier") else None,
     )
     pipe.save_pretrained(run_dir / "pipeline")
     return run_dir / "pipeline"
