@@ -445,6 +445,7 @@ class RunConfig:
 
     def __post_init__(self):
         _check(self.local_processes >= 1, "local_processes must be at least 1")
+        _check(len(self.stages) >= 1, "stages is empty: list the stages to train, e.g. stages: [vae, clip, unet]")
         if "finetune" in self.stages:
             _check(self.finetune.model is not None, "stage 'finetune' needs finetune.model: a pipeline folder to "
                                                     "start from")

@@ -57,6 +57,7 @@ def test_exponent_numbers_without_a_dot_are_numbers():
     ("train.unet.batch_size=0", "batch_size must be at least 1"),
     ("sr.min_snr_gamma=0", "sr.min_snr_gamma must be > 0, or null"),
     ("stages=[vae, srr]", "'stages\\[1\\]' must be one of 'vae', 'clip', 'unet', 'sr'"),
+    ("stages=[]", "stages is empty: list the stages to train"),
     ("train.unet", "must look like key.subkey=value"),
     ("unet.block_out_channels.x=1", "'unet.block_out_channels' is not a section"),
     ("train.unet.grad_clip=-1", "train.unet: grad_clip must be positive, or null for no clipping"),
