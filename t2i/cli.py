@@ -45,11 +45,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train", help="train the stages of a run config",
-        description="Train the stages listed in CONFIG (vae, clip, unet) and save the pipeline to "
+        description="Train the stages listed in CONFIG (vae, clip, unet, sr, classifier) and save the pipeline to "
                     "RUN_DIR/pipeline. Checkpoints, metrics.jsonl and sample grids go to RUN_DIR/<stage>.")
     train.add_argument("config", type=Path, help="a run config in YAML (see configs/)")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value with a dotted key, e.g. --set train.unet.lr=1e-4 "
+                       help="override a config value with a dotted key, e.g. --set train.unet.learning_rate=1e-4 "
                             "(the value is read as YAML; repeatable)")
     train.add_argument("--resume", action="store_true",
                        help="continue the run in run_dir from its latest checkpoints, skipping finished stages")

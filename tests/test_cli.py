@@ -39,6 +39,21 @@ def test_every_command_explains_every_option(command, capsys):
         assert option in text
 
 
+@pytest.mark.parametrize("command", ["demo", "train", "finetune"])
+def test_the_set_example_in_the_help_is_a_valid_override(command, capsys):
+    import re
+
+    from t2i.config import PACKAGED_CONFIGS, load_config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    example = re.search(r"--set\s+(\S+=\S+)", capsys.readouterr().out.split("--set KEY=VALUE", 2)[-1]).group(1)
+    if command == "finetune":
+        load_config(PACKAGED_CONFIGS / "finetune.yaml", ["finetune.model=m", "data.path=d", example])
+    else:
+        load_config(TINY_CONFIG, [example])
+
+
 def test_console_script_runs():
     result = subprocess.run([sys.executable, "-m", "t2i.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
