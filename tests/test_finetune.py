@@ -240,6 +240,16 @@ def test_lora_on_an_open_clip_text_encoder_moves_only_its_attention(trained_run,
     assert pipe("a red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)
 
 
+def test_a_pipeline_fine_tuned_at_another_resolution_draws_at_that_size_by_default(trained_run, tmp_path):
+    data = clean_folder(tmp_path / "data", count=8).root
+    out = tmp_path / "run"
+    assert main(finetune_args(trained_run / "pipeline", data, out, "--max-steps", "1", "--resolution", "48",
+                              "--set", "train.finetune.sample_every=0")) == 0
+    pipe = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")
+    assert pipe.default_size == 48
+    assert pipe("a red circle", num_inference_steps=1, seed=0)[0].size == (48, 48)
+
+
 def test_lora_on_a_hugging_face_text_encoder_loads_into_diffusers(tmp_path):
     from diffusers import StableDiffusionPipeline
 

@@ -231,6 +231,7 @@ def _unet_stage(inputs: StageInputs):
 def _finetune_stage(inputs: StageInputs):
     config = inputs.config
     source = load_source_pipeline(config, inputs.device)
+    trained_at_resolution(source, config.data.resolution)
     preview = list(config.finetune.validation_prompts) or _preview_captions(inputs.validation or inputs.dataset)
     stage = FinetuneStage(source, config.finetune, config.diffusion, preview, inputs.validation,
                           config.train.finetune.batch_size, inputs.device)
@@ -348,6 +349,12 @@ def load_source_pipeline(config: RunConfig, device: torch.device) -> Text2ImageP
     """The pretrained pipeline a fine-tune starts from, in fp32 (training keeps fp32 master weights)."""
     return Text2ImagePipeline.from_pretrained(resolve_model(config.finetune.model), device=device,
                                               dtype=torch.float32, allow_pickle=config.finetune.allow_pickle)
+
+
+def trained_at_resolution(pipe: Text2ImagePipeline, resolution: int) -> None:
+    """Record the fine-tune's training size in the U-Net's config: the fine-tuned pipeline's default image size
+    (`t2i generate` without --height/--width) and that of its preview grids, instead of the source model's."""
+    pipe.unet.register_to_config(sample_size=resolution // pipe.latent_factor)
 
 
 def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
