@@ -269,6 +269,22 @@ def test_a_datasets_folder_with_its_own_column_names(tmp_path, monkeypatch):
         build_datasets(replace(config, image_column="image"))
 
 
+def test_a_table_of_image_paths_reads_the_files_relative_to_its_folder(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    folder = clean_folder(tmp_path, count=4)
+    names = sorted(folder.good)
+    paths = [names[0], str(folder.root / names[1]), "gone.png", "https://example.com/x.png"]
+    rows = [f'{path},"{folder.good[name]}"' for path, name in zip(paths, names)]
+    (folder.root / "table.csv").write_text("\n".join(["image,text", *rows]) + "\n")
+    monkeypatch.chdir(tmp_path)  # relative paths are the table's folder's, not the working folder's
+    config = DataConfig(dataset="datasets", path=str(folder.root / "table.csv"), max_bad_fraction=1.0)
+    train, _, _ = build_datasets(config, tmp_path / "run")
+    assert [s.caption for s in train.samples] == [folder.good[name] for name in names[:2]]
+    assert train[0]["pixel_values"].shape == (3, 32, 32)
+    assert quarantined(tmp_path / "run") == {"train[2]": "missing file", "train[3]": "not an image"}
+
+
 def test_an_empty_or_rowless_table_file_is_said_plainly(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

@@ -8,7 +8,7 @@ from pathlib import Path
 from t2i.data.quarantine import Rejected
 
 # A file on disk, the encoded bytes themselves, or a reader of them (a row of a `datasets` table).
-ImageSource = Path | bytes | Callable[[], bytes]
+ImageSource = Path | bytes | Callable[[], bytes | Path]
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Any `datasets` dataset: a `save_to_disk` folder, a local data file (parquet, arrow, csv, json), or a hub
-name when online; images from `image_column`, captions from `caption_column`.
+name when online; images from `image_column` (encoded images, or paths to image files), captions from
+`caption_column`.
 
 Images are read undecoded (`Image(decode=False)`), so that `t2i.data.scan` decodes them with its own checks
 and a bad image is quarantined instead of raising inside `datasets`. Entries are named "split[row]".
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import datasets
 
-from t2i.data.quarantine import NOT_AN_IMAGE, Rejected
+from t2i.data.quarantine import MISSING_IMAGE, NOT_AN_IMAGE, Rejected
 from t2i.data.sources.entry import Entry
 from t2i.errors import T2IError
 
@@ -82,13 +83,15 @@ def _check_has_rows(file: Path) -> None:
 
 @dataclass(frozen=True)
 class RowImage:
-    """Reads the encoded bytes of one row's image, when the scan or the dataset asks for them."""
+    """Reads the encoded bytes of one row's image, when the scan or the dataset asks for them. A string is a path
+    to the image file (the only way a csv or json table holds images): absolute, or relative to `base`."""
 
     table: datasets.Dataset
     row: int
     column: str
+    base: Path
 
-    def __call__(self) -> bytes:
+    def __call__(self) -> bytes | Path:
         value = self.table[self.row][self.column]
         if isinstance(value, dict):  # an undecoded datasets.Image: bytes, or a path to the file
             if value.get("bytes") is not None:
@@ -97,7 +100,20 @@ class RowImage:
                 return Path(value["path"]).read_bytes()
         if isinstance(value, bytes):
             return value
+        if isinstance(value, str):
+            if "://" in value:
+                raise Rejected(NOT_AN_IMAGE, f"column '{self.column}' holds a URL, and t2i downloads no images")
+            if not value.strip():
+                raise Rejected(MISSING_IMAGE)
+            return self.base / value  # checked by the scan as an image folder's files are: missing, not a file
         raise Rejected(NOT_AN_IMAGE, f"column '{self.column}' holds {type(value).__name__}")
+
+
+def _path_base(path: str) -> Path:
+    """What relative image paths in the table at `path` are relative to: the folder of a data file, a saved
+    folder itself, or the working folder for a hub name."""
+    local = Path(path)
+    return local.parent if local.is_file() else local if local.is_dir() else Path.cwd()
 
 
 def list_hf_dataset(path: str, image_column: str, caption_column: str, split: str = "train") -> list[Entry]:
@@ -109,6 +125,7 @@ def list_hf_dataset(path: str, image_column: str, caption_column: str, split: st
     if isinstance(table.features[image_column], datasets.Image):
         table = table.cast_column(image_column, datasets.Image(decode=False))
     captions = table[caption_column]
-    return [Entry(f"{split}[{row}]", RowImage(table, row, image_column),
+    base = _path_base(path)
+    return [Entry(f"{split}[{row}]", RowImage(table, row, image_column, base),
                   None if caption is None else str(caption))
             for row, caption in enumerate(captions)]
