@@ -285,6 +285,21 @@ def test_a_table_of_image_paths_reads_the_files_relative_to_its_folder(tmp_path,
     assert quarantined(tmp_path / "run") == {"train[2]": "missing file", "train[3]": "not an image"}
 
 
+def test_a_table_row_with_a_list_of_captions_gives_a_sample_a_caption(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = clean_folder(tmp_path, count=3)
+    names = sorted(folder.good)
+    captions = [["a red one", "a crimson one"], ["a blue one"], []]
+    table = datasets.Dataset.from_dict({"image": [str(folder.root / name) for name in names], "text": captions})
+    table.save_to_disk(str(tmp_path / "saved"))
+    config = DataConfig(dataset="datasets", path=str(tmp_path / "saved"), max_bad_fraction=1.0)
+    train, _, report = build_datasets(config, tmp_path / "run")
+    assert [(s.name, s.caption) for s in train.samples] == [
+        ("train[0]", "a red one"), ("train[0]", "a crimson one"), ("train[1]", "a blue one")]
+    assert quarantined(tmp_path / "run") == {"train[2]": "missing caption"}
+    assert any("1 image has 2 captions" in note for note in report.notes)
+
+
 def test_an_empty_or_rowless_table_file_is_said_plainly(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

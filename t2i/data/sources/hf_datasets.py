@@ -126,6 +126,13 @@ def list_hf_dataset(path: str, image_column: str, caption_column: str, split: st
         table = table.cast_column(image_column, datasets.Image(decode=False))
     captions = table[caption_column]
     base = _path_base(path)
-    return [Entry(f"{split}[{row}]", RowImage(table, row, image_column, base),
-                  None if caption is None else str(caption))
-            for row, caption in enumerate(captions)]
+    return [Entry(f"{split}[{row}]", RowImage(table, row, image_column, base), text)
+            for row, caption in enumerate(captions) for text in _row_captions(caption)]
+
+
+def _row_captions(caption) -> list[str | None]:
+    """A row's captions: its one caption, or each of a list of them (COCO's several captions an image), each a
+    sample of its own as in an image folder; None where a caption is missing."""
+    if isinstance(caption, (list, tuple)):
+        return [None if text is None else str(text) for text in caption] or [None]
+    return [None if caption is None else str(caption)]
