@@ -294,6 +294,9 @@ def _finetune_overrides(args) -> list[str]:
         if not args.validation_prompts.is_file():
             raise T2IError(f"--validation-prompts file '{args.validation_prompts}' does not exist")
         prompts = [line.strip() for line in args.validation_prompts.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' holds no prompts; write one a line, "
+                           "or leave the option out to preview captions from the data")
         options["finetune.validation_prompts"] = json.dumps(prompts)
     return [f"{key}={value}" for key, value in options.items() if value is not None] + args.overrides
 

@@ -91,6 +91,14 @@ def test_the_data_source_is_detected_from_what_is_there(tmp_path):
     assert detect_source("someone/some-dataset") == "datasets"
 
 
+def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("\n  \n")
+    assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
+                              str(tmp_path / "prompts.txt"))) == 2
+    assert "holds no prompts" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_finetune_needs_a_model_and_runs_alone():
     with pytest.raises(T2IError, match="needs finetune.model"):
         load_config(PACKAGED_CONFIGS / "finetune.yaml", ["data.path=x"])
