@@ -166,10 +166,12 @@ def test_a_stage_without_the_stages_it_builds_on_is_refused_before_anything_trai
         run_training(tiny_config(tmp_path / "other", "stages=[sr]"))
 
 
-def test_a_partial_run_names_its_extra_stages_in_the_command_that_completes_it(tmp_path, capsys):
-    config = tiny_config(tmp_path / "run", "stages=[clip,sr]", "train.sr.steps=2", "train.clip.steps=2")
-    assert run_training(config) is None
-    assert "--resume --set stages=[vae,unet,sr]" in capsys.readouterr().out
+def test_the_pipeline_a_partial_run_leaves_for_later_holds_the_extra_stage_it_trained(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert run_training(tiny_config(run_dir, "stages=[clip,sr]", "train.sr.steps=2", "train.clip.steps=2")) is None
+    assert "--resume --set stages=[vae,unet]" in capsys.readouterr().out
+    run_training(tiny_config(run_dir, "stages=[vae,unet]", "train.sr.steps=2", "train.clip.steps=2"), resume=True)
+    assert (run_dir / "pipeline" / "sr").is_dir()
 
 
 def test_a_run_of_some_stages_says_what_the_pipeline_still_needs_and_a_resume_completes_it(tmp_path, capsys):

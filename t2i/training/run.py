@@ -180,12 +180,10 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
               resume_weights_only=resume_weights_only, stop=stop)
     if not assembles:
         missing = missing_for_pipeline(config, run_dir)
-        # The extra stages trained now go into the pipeline only when listed in the run that assembles it.
-        listed = missing + [name for name in config.stages if name in ("sr", "classifier")]
         if processes.is_main_process:
             print(f"[run] trained {', '.join(config.stages)}; no pipeline yet: it also needs "
                   f"{', '.join(missing)}. Train {'them' if len(missing) > 1 else 'it'} in this run folder with "
-                  f"--resume --set stages=[{','.join(listed)}]")
+                  f"--resume --set stages=[{','.join(missing)}]")
         return None
     if processes.is_main_process:
         (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
