@@ -40,6 +40,7 @@ def test_checkpoints_are_complete_and_pruned(trained_run):
         "config.json", "ema.safetensors", "model.safetensors", "optimizer.json", "optimizer.safetensors",
         "rng.json", "rng.safetensors", "trainer_state.json"]
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
+    assert state.pop("elapsed_s") > 0
     assert state == {"step": 6, "micro_batches": 6, "skipped_steps": 0}
     assert json.loads((checkpoints[-1] / "config.json").read_text())["train"]["unet"]["steps"] == 6
 
@@ -56,11 +57,13 @@ def test_resumed_run_ends_with_the_same_weights(trained_run, tmp_path):
     with killed_at_loss_call(UNetStage, 5):  # inside step 5, after the step-3 checkpoint
         run_training(config)
     assert latest_checkpoint(tmp_path / "run" / "unet").name == "step_0000003"
+    trained_before = json.loads((latest_checkpoint(tmp_path / "run" / "unet") / "trainer_state.json").read_text())
     run_training(config, resume=True)
 
-    metrics = (tmp_path / "run" / "unet" / "metrics.jsonl").read_text().splitlines()
-    steps = [json.loads(line)["step"] for line in metrics]
-    assert steps == [2, 4, 6]  # step 4, logged before the kill, is logged once, by the resumed run
+    records = [json.loads(line) for line in (tmp_path / "run" / "unet" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records] == [2, 4, 6]  # step 4, logged before the kill, is logged once
+    elapsed = [record["elapsed_s"] for record in records]  # the resumed run's clock goes on from the checkpoint's
+    assert elapsed == sorted(elapsed) and elapsed[1] >= trained_before["elapsed_s"] > 0
     for name in ("final/diffusion_pytorch_model.safetensors", "checkpoints/step_0000006/model.safetensors",
                  "checkpoints/step_0000006/ema.safetensors"):
         resumed = load_file(tmp_path / "run" / "unet" / name)

@@ -37,6 +37,9 @@ class TrainingState:
     micro_batches: int
     # Optimiser steps skipped for a non-finite loss or gradient (see TrainConfig.max_nonfinite_steps).
     skipped_steps: int = 0
+    # Seconds of training up to this step, over every resumed part, so that metrics.jsonl's elapsed_s goes on
+    # from where the run stopped.
+    elapsed_s: float = 0.0
 
 
 class CheckpointError(T2IError):

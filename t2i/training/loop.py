@@ -166,7 +166,7 @@ class TrainLoop:
         self.model.train()
         progress = tqdm(total=config.steps, initial=self.state.step, desc=self.stage.name,
                         disable=not self.is_main, dynamic_ncols=True)
-        started = time.perf_counter()
+        self.started = time.perf_counter() - self.state.elapsed_s
         if config.sample_at_start and self.state.step == 0:
             self._log_extra(self._sample(), tensorboard)
         try:
@@ -174,7 +174,7 @@ class TrainLoop:
                 logged, stop_signal = self.run_step(batches)
                 progress.update(1)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}")
-                self._log(logged, started, tensorboard)
+                self._log(logged, tensorboard)
                 self._log_extra(self._sample_if_due(), tensorboard)
                 if config.checkpoint_every and self.state.step % config.checkpoint_every == 0:
                     self.save_checkpoint()
@@ -268,12 +268,12 @@ class TrainLoop:
             causes += f", or {self.mixed_precision} overflow (try train.{name}.mixed_precision: no or bf16)"
         return f"stopped, {kept}. Likely cause: {causes}"
 
-    def _log(self, logged: dict[str, float], started: float, tensorboard) -> None:
+    def _log(self, logged: dict[str, float], tensorboard) -> None:
         step = self.state.step
         if not self.is_main or (step % self.config.log_every and step != self.config.steps):
             return
         record = {"step": step, "lr": self.lr_scheduler.get_last_lr()[0],
-                  "elapsed_s": round(time.perf_counter() - started, 2), **logged}
+                  "elapsed_s": round(time.perf_counter() - self.started, 2), **logged}
         with self.metrics_file.open("a") as f:
             f.write(json.dumps(_finite_or_none(record), allow_nan=False) + "\n")
         if tensorboard is not None:
@@ -309,6 +309,7 @@ class TrainLoop:
 
     def save_checkpoint(self) -> None:
         """Write a checkpoint of the current step (main process); refuse non-finite weights."""
+        self.state.elapsed_s = round(time.perf_counter() - self.started, 2)
         if self.is_main:
             self._check_weights_finite()
             ema_weights = _ema_weights(self.ema, self.trainable) if self.ema else None
