@@ -91,6 +91,14 @@ def test_the_data_source_is_detected_from_what_is_there(tmp_path):
     assert detect_source("someone/some-dataset") == "datasets"
 
 
+def test_a_stream_whose_held_out_part_is_empty_says_there_is_no_validation_loss(trained_run, tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards", count=1, per_shard=4, bad=False).root
+    assert main(finetune_args(trained_run / "pipeline", shards, tmp_path / "run", "--max-steps", "1")) == 0
+    assert "no streamed sample fell in the held-out part" in capsys.readouterr().out
+    records = (tmp_path / "run" / "finetune" / "metrics.jsonl").read_text()
+    assert "validation_loss" not in records
+
+
 def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n  \n")
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",

@@ -108,6 +108,9 @@ class FinetuneStage(UNetStage):
             self.model = UNetAndTextEncoder(unet, self.text_encoder)
         self.validation = (list(islice(DataLoader(validation, batch_size=batch_size), finetune.validation_batches))
                            if validation is not None else [])
+        if validation is not None and not self.validation:  # a stream holds out by name hash, with no minimum
+            print("validation: no streamed sample fell in the held-out part (data.validation_fraction), so no "
+                  "validation loss is logged; raise data.validation_fraction to have one")
 
     def _unet(self, model: nn.Module) -> UNet2DConditionModel:
         return model.unet if isinstance(model, UNetAndTextEncoder) else model
