@@ -99,6 +99,17 @@ def test_a_stream_whose_held_out_part_is_empty_says_there_is_no_validation_loss(
     assert "validation_loss" not in records
 
 
+def test_the_last_step_is_scored_and_drawn_whatever_the_sampling_interval(trained_run, tmp_path):
+    folder = clean_folder(tmp_path / "images", count=8).root
+    out = tmp_path / "run"
+    assert main(finetune_args(trained_run / "pipeline", folder, out, "--max-steps", "3",
+                              "--set", "data.validation_fraction=0.25")) == 0
+    records = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "validation_loss" in r] == [0, 2, 3]
+    assert sorted(path.name for path in (out / "finetune" / "samples").iterdir()) == [
+        "step_0000000.png", "step_0000002.png", "step_0000003.png"]
+
+
 def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
     (tmp_path / "prompts.txt").write_text("\n  \n")
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",

@@ -291,8 +291,9 @@ class TrainLoop:
                 tensorboard.add_scalar(f"{self.stage.name}/{key}", value, self.state.step)
 
     def _sample_if_due(self) -> dict | None:
-        every = self.config.sample_every
-        return self._sample() if every and self.state.step % every == 0 else None
+        """Every `sample_every` steps, and at the last step, so that the finished model has its grid and scores."""
+        every, step = self.config.sample_every, self.state.step
+        return self._sample() if every and (step % every == 0 or step == self.config.steps) else None
 
     def _sample(self) -> dict | None:
         """A sample grid of the current (EMA) weights, and what the stage measured with them (main process)."""
