@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -434,6 +435,8 @@ def _quiet_libraries() -> None:
     logger.propagate = False
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # diffusers' DPM++ SDE asks its Brownian tree for times a rounding outside the tree's span, at every step
+    warnings.filterwarnings("ignore", message="Should have t", module="torchsde")
 
 
 _CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",

@@ -1,4 +1,5 @@
 """The t2i command on tiny configs: help texts, train, generate, demo, and errors without tracebacks."""
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from PIL import Image
 from t2i import Text2ImagePipeline
 from t2i.cli import main
 
-from conftest import TINY_CONFIG
+from conftest import REPO, TINY_CONFIG
 
 OPTIONS = {
     "demo": ["--out", "--device", "--config", "--set", "--resume-weights-only", "--cascade"],
@@ -94,6 +95,15 @@ def test_generate_writes_images(trained_run, tmp_path, capsys):
                  "--steps", "3", "--seed", "4", "--sampler", "euler", "--out", str(out)]) == 0
     for i in range(2):
         assert Image.open(tmp_path / f"red-{i}.png").size == (32, 32)
+
+
+def test_generate_with_dpmpp_sde_prints_no_brownian_tree_warnings(trained_run, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "t2i.cli", "generate", "--model", str(trained_run / "pipeline"),
+                             "a red circle", "--steps", "4", "--sampler", "dpmpp_sde", "--device", "cpu",
+                             "--out", str(tmp_path / "sde.png")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "Should have" not in result.stderr and (tmp_path / "sde.png").is_file()
 
 
 @pytest.mark.parametrize("sampler", ["pc", "annealed_langevin", "pf_ode"])
