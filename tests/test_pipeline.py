@@ -171,6 +171,10 @@ def test_over_long_prompt_is_truncated_and_reported(tiny_pipeline, caplog):
     assert "truncated to the text encoder's 16 tokens" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="t2i"):
+        tiny_pipeline([long_prompt] * 3, seed=0, num_inference_steps=1)
+    assert len(caplog.records) == 1 and caplog.records[0].getMessage().endswith("and another word…'")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="t2i"):
         tiny_pipeline("a red circle", seed=0)
     assert "truncated" not in caplog.text
 

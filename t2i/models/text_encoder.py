@@ -33,10 +33,14 @@ class Tokens:
     truncated: tuple[bool, ...]  # per prompt: did it lose tokens to the context length?
 
 
+TRUNCATED_PROMPT_SHOWN = 80  # characters of a truncated prompt its warning quotes
+
+
 def report_truncation(prompts: list[str], tokens: Tokens, context_length: int) -> None:
-    for prompt, cut in zip(prompts, tokens.truncated):
-        if cut:
-            logger.warning("prompt truncated to the text encoder's %d tokens: %r", context_length, prompt)
+    """One warning for each distinct prompt cut to the context (a prompt drawn N times is one), naming its start."""
+    for prompt in dict.fromkeys(prompt for prompt, cut in zip(prompts, tokens.truncated) if cut):
+        shown = prompt if len(prompt) <= TRUNCATED_PROMPT_SHOWN else prompt[:TRUNCATED_PROMPT_SHOWN] + "…"
+        logger.warning("prompt truncated to the text encoder's %d tokens: %r", context_length, shown)
 
 
 def check_clip_skip(clip_skip: int, layers: int) -> int:
