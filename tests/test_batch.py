@@ -77,6 +77,17 @@ def test_txt_lines_are_items_blank_lines_are_skipped_and_ids_survive_reordering(
     assert all(len(item.id) == 12 and item.id.isalnum() for item in forward)
 
 
+def test_lines_split_at_newlines_only_not_at_unicode_separators_inside_prompts(tmp_path):
+    prompts = ["red\u2028circle", "blue\x85square", "green\x1csquare"]
+    (tmp_path / "p.txt").write_text("\r\n".join(prompts) + "\r\n", encoding="utf-8", newline="")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps({"prompt": prompt}, ensure_ascii=False)
+                                                for prompt in prompts) + "\n", encoding="utf-8")
+    for name in ("p.txt", "p.jsonl"):
+        items, problems = read_items(tmp_path / name, DEFAULTS, 8)
+        assert problems == []
+        assert [(item.line, item.prompt) for item in items] == [(1, prompts[0]), (2, prompts[1]), (3, prompts[2])]
+
+
 def test_fields_from_jsonl_and_csv_agree_and_the_defaults_fill_the_rest(tmp_path):
     jsonl, _ = read_items(write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "steps": 3, "guidance": 2.5},
                                                       {"prompt": "a blue square", "id": "blue", "seed": 7}]),

@@ -139,14 +139,20 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
         raise T2IError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
+def _lines(text: str) -> list[str]:
+    """The file's lines, split at \n, \r\n or \r only: str.splitlines() also splits at U+2028, NEL, form feeds
+    and other separators that may sit inside a prompt (raw in JSON strings too), and would misnumber lines."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def _read_txt(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    return [(number, {"prompt": line.strip()}) for number, line in enumerate(text.splitlines(), 1)
+    return [(number, {"prompt": line.strip()}) for number, line in enumerate(_lines(text), 1)
             if line.strip()], []
 
 
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
     rows, problems = [], []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
