@@ -88,6 +88,13 @@ def test_lines_split_at_newlines_only_not_at_unicode_separators_inside_prompts(t
         assert [(item.line, item.prompt) for item in items] == [(1, prompts[0]), (2, prompts[1]), (3, prompts[2])]
 
 
+def test_a_quoted_csv_cell_keeps_its_line_break(tmp_path):
+    (tmp_path / "p.csv").write_text('prompt,seed\r\n"a red\ncircle",1\r\n"say ""hi"", twice",2\r\n', newline="")
+    items, problems = read_items(tmp_path / "p.csv", DEFAULTS, 8)
+    assert problems == []
+    assert [(item.prompt, item.seed) for item in items] == [("a red\ncircle", 1), ('say "hi", twice', 2)]
+
+
 def test_fields_from_jsonl_and_csv_agree_and_the_defaults_fill_the_rest(tmp_path):
     jsonl, _ = read_items(write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "steps": 3, "guidance": 2.5},
                                                       {"prompt": "a blue square", "id": "blue", "seed": 7}]),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -168,7 +169,7 @@ def _read_jsonl(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
 
 
 def _read_csv(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(io.StringIO(text, newline=""))  # newline="": a quoted cell keeps its line breaks
     header = next(reader, None)
     if header is None:
         return [], []
