@@ -95,6 +95,19 @@ def test_a_quoted_csv_cell_keeps_its_line_break(tmp_path):
     assert [(item.prompt, item.seed) for item in items] == [("a red\ncircle", 1), ('say "hi", twice', 2)]
 
 
+def test_a_guidance_that_is_not_finite_is_an_invalid_line(model, tmp_path, capsys):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "guidance": NaN}\n{"prompt": "b", "guidance": Infinity}\n')
+    (tmp_path / "p.csv").write_text("prompt,guidance\nc,nan\n")
+    for name in ("p.jsonl", "p.csv"):
+        items, problems = read_items(tmp_path / name, DEFAULTS, 8)
+        assert items == [] and all("guidance must be a finite number" in str(problem) for problem in problems)
+    prompts = write(tmp_path / "p.txt", ["a red circle"])
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                 "--guidance", "nan"]) == 2
+    assert "--guidance: guidance must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "images").exists()
+
+
 def test_fields_from_jsonl_and_csv_agree_and_the_defaults_fill_the_rest(tmp_path):
     jsonl, _ = read_items(write(tmp_path / "p.jsonl", [{"prompt": "a red circle", "steps": 3, "guidance": 2.5},
                                                       {"prompt": "a blue square", "id": "blue", "seed": 7}]),

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -236,8 +237,8 @@ def _make_item(line: int, fields: dict, defaults: JobDefaults, latent_factor: in
     if steps <= 0:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = fields.get("guidance", defaults.guidance)
-    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool):
-        raise ValueError(f"guidance must be a number, got {guidance!r}")
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     sampler = fields.get("sampler", defaults.sampler)
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLER_NAMES)}")
