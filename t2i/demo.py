@@ -87,7 +87,8 @@ def _run_demo(out: Path, device: str, config, resume_weights_only: bool) -> dict
         timings["sr: extra time"] = sum(v for k, v in timings.items() if k.startswith("sr:"))
         timings["total"] = time.perf_counter() - started
         settings["sr"] = pipe.sr.defaults
-    grid, report = write_report(out, evaluation, out, list(config.stages), timings, settings, upscaled, fidelity)
+    grid, report = write_report(out, evaluation, out, list(config.stages), timings, settings, upscaled, fidelity,
+                                 resumed)
     timings["total"] = time.perf_counter() - started
     _print_summary(evaluation.summary, Counter(evaluation.categories), timings, grid, report, pipeline_dir, resumed)
     if cascade:

@@ -85,9 +85,10 @@ def _cascade_html(upscaled: Evaluation, fidelity: Fidelity | None) -> str:
 
 def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: list[str], timings: dict,
                  settings: dict, upscaled: Evaluation | None = None,
-                 fidelity: Fidelity | None = None) -> tuple[Path, Path]:
+                 fidelity: Fidelity | None = None, resumed: bool = False) -> tuple[Path, Path]:
     """Write `grid.png` and `report.html` into `out_dir` (and `grid_upscaled.png`, with `upscaled`: the same
-    images through the SR stage, shown beside the base ones); return the paths of the first two."""
+    images through the SR stage, shown beside the base ones); return the paths of the first two. `resumed`: the run
+    resumed one begun earlier, so its times cover only what was left, and the page says so."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "grid.png"
     make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE).save(grid_path)
@@ -112,13 +113,15 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
     curves = loss_curves(run_dir, stages)
     curves_html = f"<img src='{_png_data_uri(curves)}'>" if curves else "<p>no metrics recorded</p>"
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
+    timing_note = ("<p>This run resumed one begun earlier: the times cover only what was left to do, not the whole "
+                   "run.</p>" if resumed else "")
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>t2i demo report</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;text-align:left}}
 tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-rendering:pixelated}}</style></head>
 <body><h1>t2i demo report</h1>
 <p>Sampling: {html.escape(json.dumps(settings))}</p>
 <h2>Judged accuracy (fraction of images)</h2><table>{''.join(summary_rows)}</table>
-{cascade}<h2>Time</h2><table>{timing_rows}</table>
+{cascade}<h2>Time</h2>{timing_note}<table>{timing_rows}</table>
 <h2>Loss curves</h2>{curves_html}
 <h2>Samples</h2><table>{header}</tr>
 {''.join(rows)}</table></body></html>"""

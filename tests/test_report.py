@@ -1,0 +1,23 @@
+"""The demo's HTML report."""
+from PIL import Image
+
+from t2i.eval.evaluate import Evaluation
+from t2i.eval.judge import judge, summarize
+from t2i.eval.report import write_report
+
+
+def small_evaluation() -> Evaluation:
+    prompt = "a large red circle"
+    image = Image.new("RGB", (32, 32), (128, 128, 128))
+    judgements = [judge(image, prompt)]
+    return Evaluation([prompt], ["seen"], [image], judgements, summarize(judgements, ["seen"]), 1.0)
+
+
+def test_the_report_of_a_resumed_run_says_its_times_cover_only_what_was_left(tmp_path):
+    timings = {"training (data, vae, clip, unet)": 1.6, "sampling + judging": 8.1, "total": 10.1}
+    settings = {"steps": 30}
+    _, whole = write_report(tmp_path / "whole", small_evaluation(), tmp_path, [], timings, settings)
+    _, resumed = write_report(tmp_path / "resumed", small_evaluation(), tmp_path, [], timings, settings,
+                              resumed=True)
+    assert "resumed one begun earlier" not in whole.read_text()
+    assert "resumed one begun earlier" in resumed.read_text()
