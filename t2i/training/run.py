@@ -55,7 +55,8 @@ from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
-from t2i.training.run_folder import CONFIG, check_run_folder, check_stage_inputs, missing_for_pipeline
+from t2i.training.run_folder import (CONFIG, check_run_folder, check_stage_inputs, is_trained,
+                                     missing_for_pipeline)
 from t2i.training.stages.classifier import ClassifierStage
 from t2i.training.stages.clip import ClipStage
 from t2i.training.stages.finetune import PIPELINE as FINETUNED_PIPELINE
@@ -170,7 +171,7 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
 
     for name in config.stages:
         stage_dir = run_dir / name
-        if (stage_dir / FINAL).is_dir():
+        if is_trained(run_dir, name):
             print(f"[{name}] already trained: {stage_dir / FINAL}")
             continue
         train_config = getattr(config.train, name)
@@ -362,12 +363,6 @@ def assemble_finetuned(config: RunConfig, run_dir: Path) -> Path:
     return run_dir / "pipeline"
 
 
-def _trained(run_dir: Path, stage: str) -> bool:
-    """Is `stage` trained in `run_dir`? The pipeline holds every optional stage trained there, listed in this run's
-    stages or in an earlier one's (a resume that trains another stage, or none, keeps them)."""
-    return (run_dir / stage / FINAL).is_dir()
-
-
 def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
     unet_folder = run_dir / "unet" / FINAL
     if not unet_folder.is_dir():
@@ -378,8 +373,9 @@ def assemble_pipeline(config: RunConfig, run_dir: Path) -> Path:
         unet_scheduler_config(config),
         defaults={"num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance_scale,
                   "sampler": sampling.sampler},
-        sr=load_sr(config, run_dir) if _trained(run_dir, "sr") else None,
-        classifier=load_classifier(run_dir) if _trained(run_dir, "classifier") else None,
+        # Every optional stage trained in the folder, listed in this run's stages or an earlier one's.
+        sr=load_sr(config, run_dir) if is_trained(run_dir, "sr") else None,
+        classifier=load_classifier(run_dir) if is_trained(run_dir, "classifier") else None,
     )
     pipe.save_pretrained(run_dir / "pipeline")
     return run_dir / "pipeline"

@@ -54,7 +54,7 @@ def check_run_folder(run_dir: Path, resolved: dict, resume: bool) -> str | None:
         return None
     changes = [change for change in _changes(previous, resolved) if not _free(change[0], set(started))]
     steps = {key: change for key, *change in changes if _is_steps(key)}
-    finished = [key for key in steps if (run_dir / key.split(".")[1] / FINAL).is_dir()]
+    finished = [key for key in steps if is_trained(run_dir, key.split(".")[1])]
     if finished:
         stage = finished[0].split(".")[1]
         raise T2IError(f"stage {stage} in '{run_dir}' finished at {steps[finished[0]][0]} steps, and --resume does "
@@ -112,6 +112,11 @@ def _is_steps(key: str) -> bool:
     return len(parts) == 3 and parts[0] == "train" and parts[2] == "steps"
 
 
+def is_trained(run_dir: Path, stage: str) -> bool:
+    """Has `stage` finished in `run_dir` (its exported model is there)?"""
+    return (run_dir / stage / FINAL).is_dir()
+
+
 def stage_needs(config: RunConfig) -> dict[str, tuple[str, ...]]:
     """The stages whose trained weights each stage builds on, and those the assembled 'pipeline' is made of."""
     text = ("clip",) if config.text_encoder.source == "scratch" else ()
@@ -125,7 +130,7 @@ def check_stage_inputs(config: RunConfig, run_dir: Path) -> bool:
     if "finetune" in config.stages:  # it starts from a whole pipeline
         return True
     needs = stage_needs(config)
-    ready = {name for name in STAGE_FOLDERS if (run_dir / name / FINAL).is_dir()}
+    ready = {name for name in STAGE_FOLDERS if is_trained(run_dir, name)}
     for name in config.stages:
         missing = [need for need in needs.get(name, ()) if need not in ready]
         if missing:
@@ -139,4 +144,4 @@ def check_stage_inputs(config: RunConfig, run_dir: Path) -> bool:
 
 def missing_for_pipeline(config: RunConfig, run_dir: Path) -> list[str]:
     """The stages still to train in `run_dir` before its pipeline can be assembled."""
-    return [need for need in stage_needs(config)["pipeline"] if not (run_dir / need / FINAL).is_dir()]
+    return [need for need in stage_needs(config)["pipeline"] if not is_trained(run_dir, need)]
