@@ -147,6 +147,11 @@ def test_a_size_of_none_is_the_default_and_seeds_may_be_any_sequence(tiny_pipeli
     assert tiny_pipeline("a", num_inference_steps=1, height=None)[0].size == (size, size)
     first = pixels(tiny_pipeline(["a", "b"], num_inference_steps=1, seed=(3, 4)))
     assert np.array_equal(first, pixels(tiny_pipeline(["a", "b"], num_inference_steps=1, seed=np.array([3, 4]))))
+    for integer_tensor in (torch.tensor([3, 4]), torch.tensor(3), np.array(3)):  # 0-d ones were TypeErrors
+        assert np.array_equal(first, pixels(tiny_pipeline(["a", "b"], num_inference_steps=1, seed=integer_tensor)))
+    for not_integers in (torch.tensor(3.0), torch.tensor(True), torch.tensor([[3, 4]])):
+        with pytest.raises(T2IError, match="seed must be an int or a list of 2 ints"):
+            tiny_pipeline(["a", "b"], num_inference_steps=1, seed=not_integers)
 
 
 @pytest.mark.parametrize("component", ["vae", "text_encoder"])

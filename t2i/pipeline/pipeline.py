@@ -473,12 +473,15 @@ def _as_negative_list(negative_prompt, count: int) -> list[str]:
 
 
 def _as_seed_list(seed, count: int) -> list[int]:
+    if _is_integer_array(seed):
+        seed = seed.tolist()  # an integer tensor or array holds the same seed(s) as its Python ints
     if seed is None:
         seed = int(torch.randint(0, 2**31 - count, ()).item())
     if _is_integer(seed):
         seeds = [int(seed) + i for i in range(count)]
     else:
-        listed = list(seed) if isinstance(seed, Iterable) and not isinstance(seed, str) else []
+        iterable = isinstance(seed, Iterable) and not isinstance(seed, str) and getattr(seed, "ndim", 1) > 0
+        listed = list(seed) if iterable else []
         if len(listed) != count or not all(_is_integer(s) for s in listed):
             raise T2IError(f"seed must be an int or a list of {count} ints (one per image); got {seed!r}")
         seeds = [int(s) for s in listed]
@@ -486,6 +489,12 @@ def _as_seed_list(seed, count: int) -> list[int]:
         raise T2IError(f"seeds must lie in 0..{MAX_SEED} (2**63 - 1); got {seed!r}"
                        + (f" for {count} images, seed + i for image i" if _is_integer(seed) and count > 1 else ""))
     return seeds
+
+
+def _is_integer_array(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+    return isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.integer)
 
 
 def _is_integer(value) -> bool:
