@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import text_global_pool
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import logging as transformers_logging
 
 from t2i.config import TextEncoderConfig
 from t2i.errors import T2IError
@@ -166,8 +169,9 @@ class HFClipTextEncoder(nn.Module):
             if not folder.is_dir():
                 raise T2IError(f"text encoder folder '{folder}' does not exist")
         # Missing or mismatched tensors would be left randomly initialised; they are reported below instead.
-        model, info = CLIPTextModel.from_pretrained(model_folder, use_safetensors=None if allow_pickle else True,
-                                                    output_loading_info=True, ignore_mismatched_sizes=True)
+        with without_transformers_bars():
+            model, info = CLIPTextModel.from_pretrained(model_folder, use_safetensors=None if allow_pickle else True,
+                                                        output_loading_info=True, ignore_mismatched_sizes=True)
         unmatched = sorted(map(str, [*info["missing_keys"], *info["mismatched_keys"]]))
         if unmatched:
             raise T2IError(f"the text encoder config '{model_folder / 'config.json'}' does not match its weights: "
@@ -190,8 +194,22 @@ class HFClipTextEncoder(nn.Module):
         return getattr(self.model, "text_model", self.model).final_layer_norm(hidden)
 
     def save(self, folder: Path, tokenizer_folder: Path) -> None:
-        self.model.save_pretrained(folder)
+        with without_transformers_bars():
+            self.model.save_pretrained(folder)
         self.tokenizer.save_pretrained(tokenizer_folder)
+
+
+@contextmanager
+def without_transformers_bars() -> Iterator[None]:
+    """transformers draws "Loading weights" and "Writing model shards" bars for the text encoder's one local file,
+    which take no visible time; t2i's own output says what it loaded and wrote."""
+    was_active = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_active:
+            transformers_logging.enable_progress_bar()
 
 
 TextEncoder = OpenClipTextEncoder | HFClipTextEncoder

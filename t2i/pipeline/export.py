@@ -21,7 +21,7 @@ from t2i.diffusion.samplers import LEARNED_VARIANCE_SAMPLERS, SAMPLERS, SCORE_SA
 from t2i.diffusion.vlb import predicts_variance
 from t2i.errors import T2IError
 from t2i.models.convert import to_clip_text_model, write_vocab_and_merges
-from t2i.models.text_encoder import OpenClipTextEncoder
+from t2i.models.text_encoder import OpenClipTextEncoder, without_transformers_bars
 from t2i.pipeline.pipeline import Text2ImagePipeline
 from t2i.pipeline.storage import CLASSIFIER, DIFFUSERS_DEFAULTS, PIPELINE_MARKERS, SCHEDULER_CONFIG, SR
 
@@ -53,7 +53,7 @@ def export_diffusers(pipe: Text2ImagePipeline, out: str | Path, sampler: str | N
     exported = StableDiffusionPipeline(vae=pipe.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    with write_folder(out, "the diffusers pipeline") as staging:
+    with write_folder(out, "the diffusers pipeline") as staging, without_transformers_bars():
         exported.save_pretrained(staging, safe_serialization=True)
         if pipe.sr is not None:
             pipe.sr.save_pretrained(staging / SR)
