@@ -95,7 +95,8 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
     samples = scan(entries, config.smallest_image_side, config.max_caption_length, quarantine)
     if quarantine_path is not None:
         write_quarantine(quarantine_path, quarantine.entries)
-    report = ScanReport(kept=len(samples), skipped=quarantine.counts, notes=left_out_notes(quarantine.entries))
+    report = ScanReport(kept=len(samples), skipped=quarantine.counts, notes=left_out_notes(quarantine.entries),
+                        images=len({sample.name for sample in samples}))
     if note := _several_captions_note(samples):
         report.notes.append(note)
     train_samples, validation_samples = split_validation(samples, config.validation_fraction)
@@ -121,8 +122,7 @@ def _several_captions_note(samples: list) -> str | None:
     if not several:
         return None
     which = f"1 image has {several[0]} captions" if len(several) == 1 else f"{len(several)} images have several captions"
-    return (f"data: {which} ({len(samples)} samples from {len(captions)} images); each caption is a sample of its "
-            "own")
+    return f"data: {which}; each caption is a sample of its own"
 
 
 # Each builder is given the quarantine file to write, or None on the processes that write nothing.

@@ -151,6 +151,7 @@ class ScanReport:
     # Set for a streamed source: its entries are checked as they are met, so at start only the shards are known.
     shards: int | None = None
     notes: list[str] = field(default_factory=list)  # printed after the summary: the left-out files
+    images: int | None = None  # distinct images among the kept samples, when several captions make them fewer
 
     @property
     def bad(self) -> int:
@@ -173,7 +174,9 @@ class ScanReport:
         skipped = sum(self.skipped.values())
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
         where = f"; see {self.quarantine_path}" if skipped and self.quarantine_path is not None else ""
-        return f"data: {self.kept} images, {skipped} skipped" + (f" ({reasons})" if skipped else "") + where
+        kept = (f"{self.kept} images" if self.images in (None, self.kept)
+                else f"{self.kept} samples from {self.images} images")
+        return f"data: {kept}, {skipped} skipped" + (f" ({reasons})" if skipped else "") + where
 
     def check(self, max_bad_fraction: float) -> None:
         """Stop, with a clear message, when too much of the data is bad: it is then likely the wrong data."""
