@@ -164,3 +164,9 @@ def test_an_ode_tolerance_outside_0_1_is_refused(trained_run, tmp_path, capsys, 
     assert main(["eval", "--likelihood", "--model", str(trained_run / "pipeline"), "--tolerance", tolerance,
                  "--device", "cpu"]) == 2
     assert "the ODE tolerance must lie in (0, 1)" in capsys.readouterr().err
+
+
+def test_eval_likelihood_on_one_held_out_shapes_image_says_one_image(trained_run, capsys):
+    assert main(["eval", "--likelihood", "--model", str(trained_run / "pipeline"), "--num-images", "1",
+                 "--tolerance", "0.1", "--device", "cpu"]) == 0
+    assert "data: 1 image of held-out shapes, 32x32 px" in capsys.readouterr().out  # was "1 held-out shapes images"

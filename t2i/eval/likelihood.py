@@ -244,6 +244,10 @@ def folder_images(root: Path, count: int, resolution: int) -> tuple[torch.Tensor
     return torch.stack(images), quarantine.counts
 
 
+def _images(count: int) -> str:
+    return f"{count} image{'' if count == 1 else 's'}"
+
+
 def _skipped(counts: Counter[str]) -> str:
     return f"{sum(counts.values())} skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
 
@@ -266,10 +270,11 @@ def evaluate_likelihood(model: Path, data: str = SHAPES_DATA, num_images: int = 
     size = pipe.default_size
     if data == SHAPES_DATA:
         levels = held_out_shapes(num_images, size)
-        described = f"data: {len(levels)} held-out shapes images, {size}x{size} px (the demo's data with seed + 1)"
+        described = (f"data: {_images(len(levels))} of held-out shapes, {size}x{size} px "
+                     "(the demo's data with seed + 1)")
     else:
         levels, skipped = folder_images(Path(data), num_images, size)
-        described = (f"data: {len(levels)} images from {data}, centre-cropped to {size}x{size} px"
+        described = (f"data: {_images(len(levels))} from {data}, centre-cropped to {size}x{size} px"
                      + (f"; {_skipped(skipped)}" if skipped else ""))
         if len(levels) < num_images:
             described += f" (fewer than the {num_images} asked for)"
