@@ -88,8 +88,7 @@ def _run_demo(out: Path, device: str, config, resume_weights_only: bool) -> dict
         timings["total"] = time.perf_counter() - started
         settings["sr"] = pipe.sr.defaults
     grid, report = write_report(out, evaluation, out, list(config.stages), timings, settings, upscaled, fidelity,
-                                 resumed)
-    timings["total"] = time.perf_counter() - started
+                                 resumed, started)
     _print_summary(evaluation.summary, Counter(evaluation.categories), timings, grid, report, pipeline_dir, resumed)
     if cascade:
         _print_cascade(evaluation, upscaled, fidelity, timings, resumed)

@@ -1,5 +1,6 @@
 """The t2i command on tiny configs: help texts, train, generate, demo, and errors without tracebacks."""
 import os
+import re
 import subprocess
 import sys
 
@@ -202,3 +203,6 @@ def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     assert "no metrics recorded" not in report
     assert report.count("data:image/png;base64") == 2 * 96 + 1  # every sample (2 per prompt) and the loss curves
     assert "samples_per_prompt" in report
+    printed_total = re.search(r"wall time, s +([0-9.]+)", printed).group(1)
+    reported_total = float(re.search(r"<td>total</td><td>([0-9.]+) s</td>", report).group(1))
+    assert abs(float(printed_total) - reported_total) <= 0.05 + 1e-9  # one total, printed to 0.01 s, shown to 0.1 s

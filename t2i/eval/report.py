@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -85,10 +86,13 @@ def _cascade_html(upscaled: Evaluation, fidelity: Fidelity | None) -> str:
 
 def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: list[str], timings: dict,
                  settings: dict, upscaled: Evaluation | None = None,
-                 fidelity: Fidelity | None = None, resumed: bool = False) -> tuple[Path, Path]:
+                 fidelity: Fidelity | None = None, resumed: bool = False,
+                 started: float | None = None) -> tuple[Path, Path]:
     """Write `grid.png` and `report.html` into `out_dir` (and `grid_upscaled.png`, with `upscaled`: the same
     images through the SR stage, shown beside the base ones); return the paths of the first two. `resumed`: the run
-    resumed one begun earlier, so its times cover only what was left, and the page says so."""
+    resumed one begun earlier, so its times cover only what was left, and the page says so. `started` (a
+    `time.perf_counter()` reading): `timings["total"]` is set here, once all but the page's text is done, so that
+    the page and the caller's printed summary give the same total."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "grid.png"
     make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE).save(grid_path)
@@ -112,6 +116,8 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
     cascade = _cascade_html(upscaled, fidelity) if upscaled is not None else ""
     curves = loss_curves(run_dir, stages)
     curves_html = f"<img src='{_png_data_uri(curves)}'>" if curves else "<p>no metrics recorded</p>"
+    if started is not None:
+        timings["total"] = time.perf_counter() - started
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
     timing_note = ("<p>This run resumed one begun earlier: the times cover only what was left to do, not the whole "
                    "run.</p>" if resumed else "")
