@@ -293,7 +293,8 @@ def _finetune_overrides(args) -> list[str]:
                "data.caption_column": args.caption_column, "finetune.allow_pickle": args.allow_pickle or None}
     if args.validation_prompts is not None:
         if not args.validation_prompts.is_file():
-            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' does not exist")
+            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' "
+                           + ("is a folder" if args.validation_prompts.is_dir() else "does not exist"))
         prompts = [line.strip() for line in args.validation_prompts.read_text().splitlines() if line.strip()]
         if not prompts:
             raise T2IError(f"--validation-prompts file '{args.validation_prompts}' holds no prompts; write one a line, "

@@ -125,6 +125,7 @@ def test_generate_with_a_sampler_written_in_t2i(trained_run, tmp_path, sampler):
     (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}/v1.5"], "'.5' is not an image format PIL writes"),
     (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}/file/x.png"], "'{tmp}/file' is a file, not a folder"),
     (["generate", "--model", "{pipeline}", "--from-image", "{tmp}/file"], "cannot read image '{tmp}/file'"),
+    (["generate", "--model", "{pipeline}", "--from-image", "{tmp}"], "image '{tmp}' is a folder, not an image file"),
     (["batch", "--merge", "{pipeline}"], "is not a batch job's output folder"),
     (["batch", "--model", "{pipeline}", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/file"],
      "--out '{tmp}/file' is a file; give a folder"),

@@ -116,6 +116,9 @@ def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
                               str(tmp_path / "prompts.txt"))) == 2
     assert "holds no prompts" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
+                              str(tmp_path))) == 2
+    assert f"--validation-prompts file '{tmp_path}' is a folder" in capsys.readouterr().err
 
 
 def test_finetune_needs_a_model_and_runs_alone():

@@ -77,7 +77,7 @@ def read_png_parameters(path: Path) -> dict:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise T2IError(f"image '{path}' does not exist")
+        raise T2IError(f"image '{path}' " + ("is a folder, not an image file" if path.is_dir() else "does not exist"))
     try:
         with Image.open(path) as image:
             text = image.info.get(PNG_KEY) if image.format == "PNG" else None
