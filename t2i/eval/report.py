@@ -88,17 +88,18 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
                  settings: dict, upscaled: Evaluation | None = None,
                  fidelity: Fidelity | None = None, resumed: bool = False,
                  started: float | None = None) -> tuple[Path, Path]:
-    """Write `grid.png` and `report.html` into `out_dir` (and `grid_upscaled.png`, with `upscaled`: the same
-    images through the SR stage, shown beside the base ones); return the paths of the first two. `resumed`: the run
-    resumed one begun earlier, so its times cover only what was left, and the page says so. `started` (a
-    `time.perf_counter()` reading): `timings["total"]` is set here, once all but the page's text is done, so that
-    the page and the caller's printed summary give the same total."""
+    """Write `grid.png` (each image captioned with its prompt) and `report.html` into `out_dir` (and
+    `grid_upscaled.png`, with `upscaled`: the same images through the SR stage, shown beside the base ones); return
+    the paths of the first two. `resumed`: the run resumed one begun earlier, so its times cover only what was left,
+    and the page says so. `started` (a `time.perf_counter()` reading): `timings["total"]` is set here, once all but
+    the page's text is done, so that the page and the caller's printed summary give the same total."""
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path = out_dir / "grid.png"
-    make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE).save(grid_path)
+    make_grid(evaluation.images, rows=max(1, len(evaluation.images) // 12), scale=IMAGE_SCALE,
+              labels=evaluation.prompts).save(grid_path)
     if upscaled is not None:
-        make_grid(upscaled.images, rows=max(1, len(upscaled.images) // 12), scale=IMAGE_SCALE).save(
-            out_dir / "grid_upscaled.png")
+        make_grid(upscaled.images, rows=max(1, len(upscaled.images) // 12), scale=IMAGE_SCALE,
+                  labels=upscaled.prompts).save(out_dir / "grid_upscaled.png")
 
     rows = []
     for i, (prompt, category, image, verdict) in enumerate(zip(evaluation.prompts, evaluation.categories,

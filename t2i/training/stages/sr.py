@@ -80,7 +80,7 @@ class SRStage:
             low, context, negative, list(range(len(captions))), defaults["num_inference_steps"],
             defaults["guidance_scale"], defaults["noise_level"], defaults["sampler"])
         bicubic = upsample(low, upscaler.factor)
-        save_grid(torch.cat([bicubic, result, high]), path, rows=3)
+        save_grid(torch.cat([bicubic, result, high]), path, rows=3, row_labels=["bicubic", "SR", "truth"])
         return {"psnr": _mean_psnr(result, high), "psnr_bicubic": _mean_psnr(bicubic, high)}
 
     def save(self, model: torch.nn.Module, folder: Path) -> None:

@@ -117,7 +117,7 @@ class UNetStage:
         pipe = Text2ImagePipeline(self.vae, self.text_encoder, model, self.scheduler_config)
         steps, guidance = self.preview_defaults["num_inference_steps"], self.preview_defaults["guidance_scale"]
         images = pipe(self.preview_prompts, num_inference_steps=steps, guidance_scale=guidance, seed=0)
-        save_grid(images, path, rows=1)
+        save_grid(images, path, rows=1, labels=self.preview_prompts)
 
     def save(self, model: UNet2DConditionModel, folder: Path) -> None:
         model.save_pretrained(folder)

@@ -46,7 +46,7 @@ class VAEStage:
         model.eval()
         images = self._preview_images(PREVIEW_IMAGES).to(model.device, model.dtype)
         reconstruction = model.decode(model.encode(images).latent_dist.mean).sample
-        save_grid(torch.cat([images, reconstruction]), path, rows=2)
+        save_grid(torch.cat([images, reconstruction]), path, rows=2, row_labels=["original", "reconstructed"])
 
     def save(self, model: AutoencoderKL, folder: Path) -> None:
         images = self._preview_images(SCALING_SAMPLE_SIZE)
