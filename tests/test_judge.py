@@ -127,6 +127,19 @@ def test_blank_and_noise_images_are_judged_wrong_without_raising():
     assert isinstance(judge(np.zeros((40, 40, 3), np.uint8), "a large black square"), Judgement)
 
 
+def test_the_judge_assumes_the_grey_canvas_as_its_docstring_says():
+    """A red circle is judged right on the shapes grey only: on white or black the canvas reads as a square."""
+    def red_circle_on(background):
+        image = np.full((32, 32, 3), background, dtype=np.uint8)
+        yy, xx = np.mgrid[:32, :32]
+        image[(yy - 16) ** 2 + (xx - 16) ** 2 <= 64] = (220, 30, 30)
+        return judge(image, "a large red circle")
+
+    assert red_circle_on(BACKGROUND).correct
+    assert red_circle_on((255, 255, 255)).found.startswith("large white square")
+    assert red_circle_on((0, 0, 0)).found.startswith("large black square")
+
+
 def test_pil_and_array_inputs_agree_and_bad_inputs_raise():
     image = render(_single("yellow", "triangle", "small", "bottom", (0.5, 0.72, 0.3)), 48)
     from_array = judge(image, "a small yellow triangle at the bottom")

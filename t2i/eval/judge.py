@@ -9,6 +9,12 @@ it covers (square ~1, circle ~0), measured with soft colour coverage so that blu
 a square's corners, does not turn it into a circle. Size is the bounding-box side against 0.4 of
 the canvas; position is the nearest of the five anchor points to the bounding-box centre; a
 relation holds when the two centres are offset mostly along its axis.
+
+It assumes the `shapes` dataset's canvas: a plain grey background, `t2i.data.shapes.BACKGROUND` (RGB 128, 128,
+128). The background is that fixed grey (and any pixel far from every palette colour), not measured from the image,
+so an image on another background is judged wrong whatever it draws: a white or black canvas reads as one large
+white or black square, a light one as the palette colour nearest it. Use it on images of shapes prompts from
+models trained on the shapes data, not on fine-tuned models' images or photos.
 """
 
 from __future__ import annotations
@@ -258,7 +264,8 @@ def _judge_pair(spec: SceneSpec, objects: list[DetectedObject]) -> tuple[dict[st
 
 
 def judge(image, prompt: str) -> Judgement:
-    """Judge an RGB image (PIL or uint8 (H, W, 3), at least 32 px) against a canonical prompt.
+    """Judge an RGB image (PIL or uint8 (H, W, 3), at least 32 px, on the shapes canvas's grey background, see the
+    module's docstring) against a canonical prompt.
 
     Raises ValueError if the prompt is not canonical or the image is not an RGB image.
     """
