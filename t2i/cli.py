@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -434,7 +435,9 @@ def _quiet_libraries() -> None:
     logger = logging.getLogger("t2i")
     logger.addHandler(handler)
     logger.propagate = False
+    # Each library sets its own level when it is first imported (after this), from these variables.
     for name in ("diffusers", "transformers"):
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
         logging.getLogger(name).setLevel(logging.ERROR)
     # diffusers' DPM++ SDE asks its Brownian tree for times a rounding outside the tree's span, at every step
     warnings.filterwarnings("ignore", message="Should have t", module="torchsde")

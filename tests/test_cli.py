@@ -1,4 +1,5 @@
 """The t2i command on tiny configs: help texts, train, generate, demo, and errors without tracebacks."""
+import logging
 import os
 import re
 import subprocess
@@ -88,6 +89,25 @@ def test_help_imports_neither_torch_nor_diffusers(command):
     result = subprocess.run([sys.executable, "-c", code, *command], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_libraries_stay_quiet_after_they_are_imported(monkeypatch):
+    """diffusers and transformers set their loggers' level when first imported, after the CLI's quieting, from
+    their *_VERBOSITY variables: without them a diffusers warning (a U-Net cast with `to(dtype)`) reached
+    `t2i demo --cascade`'s output."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    from t2i.cli import _quiet_libraries
+
+    monkeypatch.setattr(os, "environ", {key: value for key, value in os.environ.items()
+                                        if key not in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY")})
+    logger = logging.getLogger("t2i")
+    monkeypatch.setattr(logger, "handlers", list(logger.handlers))
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    _quiet_libraries()
+    assert diffusers.utils.logging._get_default_logging_level() == logging.ERROR
+    assert transformers.utils.logging._get_default_logging_level() == logging.ERROR
 
 
 def test_generate_writes_images(trained_run, tmp_path, capsys):
