@@ -113,3 +113,22 @@ def test_resolved_config_round_trips_through_yaml():
     config = load_config(REPO / "configs" / "demo.yaml")
     again = from_dict(RunConfig, yaml.safe_load(yaml.safe_dump(to_dict(config))))
     assert again == config
+
+
+def test_every_config_key_is_named_in_the_docs():
+    """A user reads keys in the README and docs/, and their meanings in t2i/config.py's comments."""
+    import dataclasses
+    import typing
+
+    docs = "\n".join(path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
+
+    def leaves(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[item.name]):
+                yield from leaves(hints[item.name], f"{prefix}{item.name}.")
+            else:
+                yield prefix + item.name
+
+    unnamed = [key for key in leaves(RunConfig) if key.rsplit(".", 1)[-1] not in docs]
+    assert unnamed == []
