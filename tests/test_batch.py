@@ -77,6 +77,14 @@ def test_txt_lines_are_items_blank_lines_are_skipped_and_ids_survive_reordering(
     assert all(len(item.id) == 12 and item.id.isalnum() for item in forward)
 
 
+def test_blank_jsonl_lines_and_empty_csv_rows_are_skipped_as_the_readme_says(tmp_path):
+    jsonl = write(tmp_path / "p.jsonl", ['{"prompt": "a red circle"}', "", "  ", '{"prompt": "a blue square"}'])
+    csv = write(tmp_path / "p.csv", ["id,prompt,seed", "x1,a red circle,3", ",,", "", "x2,a blue square,"])
+    for path, lines in ((jsonl, [1, 4]), (csv, [2, 5])):
+        items, problems = read_items(path, DEFAULTS, 8)
+        assert [item.line for item in items] == lines and problems == []
+
+
 def test_lines_split_at_newlines_only_not_at_unicode_separators_inside_prompts(tmp_path):
     prompts = ["red\u2028circle", "blue\x85square", "green\x1csquare"]
     (tmp_path / "p.txt").write_text("\r\n".join(prompts) + "\r\n", encoding="utf-8", newline="")
