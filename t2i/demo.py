@@ -151,5 +151,6 @@ def _print_checks(checks: list[tuple[str, float, float | None, bool]], resumed: 
             print(f"  {name:<24}{value:8.2f}{note}")
             continue
         met = value >= target if higher_is_better else value <= target
-        print(f"  {name:<24}{value:8.2f}  target {'≥' if higher_is_better else '≤'} {target:g}  "
+        # Targets derived from a measured value (the base's fraction - 0.05) to the two places values are shown at.
+        print(f"  {name:<24}{value:8.2f}  target {'≥' if higher_is_better else '≤'} {round(target, 2):g}  "
               f"{'met' if met else 'NOT met'}")

@@ -2,7 +2,7 @@
 from collections import Counter
 from pathlib import Path
 
-from t2i.demo import _print_summary
+from t2i.demo import _print_checks, _print_summary
 
 SUMMARY = {"all": {"colour": 0.96, "correct": 0.7}, "seen": {"correct": 0.9}, "held_out": {"correct": 0.52}}
 
@@ -18,3 +18,8 @@ def test_the_wall_time_of_a_resumed_demo_is_not_judged(capsys):
     lines = summary_lines(capsys, resumed=True)
     assert "wall time, s                8.83  (not judged: this run resumed one begun earlier)" in lines
     assert "seen fully correct          0.90  target ≥ 0.6  met" in lines
+
+
+def test_a_derived_target_is_printed_to_two_places_as_the_values_are(capsys):
+    _print_checks([("fully correct at 64 px", 0.68, 0.697917 - 0.05, True)], resumed=True)
+    assert capsys.readouterr().out.strip() == "fully correct at 64 px      0.68  target ≥ 0.65  met"
