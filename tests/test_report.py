@@ -21,3 +21,15 @@ def test_the_report_of_a_resumed_run_says_its_times_cover_only_what_was_left(tmp
                               resumed=True)
     assert "resumed one begun earlier" not in whole.read_text()
     assert "resumed one begun earlier" in resumed.read_text()
+
+
+def test_the_loss_curves_shrink_to_the_page_instead_of_running_off_it(tmp_path):
+    """Four stages' panels make a 1,280-px-wide image: wider than a laptop's window, the last cut off."""
+    for stage in ("vae", "clip", "unet", "sr"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.5}\n')
+    _, report = write_report(tmp_path / "out", small_evaluation(), tmp_path, ["vae", "clip", "unet", "sr"],
+                             {"total": 1.0}, {"steps": 30})
+    page = report.read_text()
+    assert "img.curves{max-width:100%;height:auto" in page
+    assert "<img class='curves' src='data:image/png;base64," in page

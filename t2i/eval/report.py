@@ -116,7 +116,8 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
         header += "<th>upscaled</th><th>judged</th><th>found</th>"
     cascade = _cascade_html(upscaled, fidelity) if upscaled is not None else ""
     curves = loss_curves(run_dir, stages)
-    curves_html = f"<img src='{_png_data_uri(curves)}'>" if curves else "<p>no metrics recorded</p>"
+    curves_html = (f"<img class='curves' src='{_png_data_uri(curves)}' alt='training loss against step, per stage'>"
+                   if curves else "<p>no metrics recorded</p>")
     if started is not None:
         timings["total"] = time.perf_counter() - started
     timing_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f} s</td></tr>" for k, v in timings.items())
@@ -124,7 +125,8 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
                    "run.</p>" if resumed else "")
     page = f"""<!doctype html><html><head><meta charset='utf-8'><title>t2i demo report</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:4px 8px;text-align:left}}
-tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-rendering:pixelated}}</style></head>
+tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-rendering:pixelated}}
+img.curves{{max-width:100%;height:auto;image-rendering:auto}}</style></head>
 <body><h1>t2i demo report</h1>
 <p>Sampling: {html.escape(json.dumps(settings))}</p>
 <h2>Judged accuracy (fraction of images)</h2><table>{''.join(summary_rows)}</table>
