@@ -33,3 +33,15 @@ def test_the_loss_curves_shrink_to_the_page_instead_of_running_off_it(tmp_path):
     page = report.read_text()
     assert "img.curves{max-width:100%;height:auto" in page
     assert "<img class='curves' src='data:image/png;base64," in page
+
+
+def test_a_stage_that_logged_one_loss_shows_it_as_a_point(tmp_path):
+    import numpy as np
+
+    from t2i.eval.report import loss_curves
+
+    (tmp_path / "sr").mkdir()
+    (tmp_path / "sr" / "metrics.jsonl").write_text('{"step": 10, "loss": 1.08}\n')
+    pixels = np.asarray(loss_curves(tmp_path, ["sr"])).astype(int)
+    line_colour = np.abs(pixels - np.array([31, 119, 180])).sum(axis=-1) < 60  # matplotlib's first colour
+    assert line_colour.sum() > 10

@@ -44,7 +44,8 @@ def loss_curves(run_dir: Path, stages: list[str]) -> Image.Image | None:
         return None
     figure, axes = plt.subplots(1, len(curves), figsize=(4 * len(curves), 3), squeeze=False)
     for axis, (stage, records) in zip(axes[0], curves.items()):
-        axis.plot([r["step"] for r in records], [r["loss"] for r in records])
+        # A short stage may log a point or two, which a bare line would not show.
+        axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker="o" if len(records) < 3 else None)
         axis.set_title(f"{stage} loss")
         axis.set_xlabel("step")
         axis.set_yscale("log")
