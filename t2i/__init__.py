@@ -1,7 +1,7 @@
 """t2i: latent text-to-image diffusion.
 
     from t2i import Text2ImagePipeline
-    pipe = Text2ImagePipeline.from_pretrained("runs/demo/pipeline")
+    pipe = Text2ImagePipeline.from_pretrained("t2i-demo/pipeline")  # where `t2i demo` saves it
     images = pipe("a large red circle", seed=0)
 """
 
