@@ -197,6 +197,68 @@ def test_latents_cached_on_disk_are_reused_and_never_stale(tmp_path, monkeypatch
     assert latent_cache.cache_key(vae, dataset) != key
 
 
+def test_bucketed_latents_are_cached_and_equal_those_encoded_at_every_step(tmp_path, monkeypatch, tiny_pipeline):
+    from itertools import islice
+
+    from t2i.data import latents as latent_cache
+    from t2i.data.build import build_datasets
+    from t2i.data.loader import train_batches
+
+    folder = clean_folder(tmp_path / "data", count=10).root
+    settings = ["finetune.model=m", f"data.path={folder}", "data.buckets.enabled=true"]
+    images, _, _ = build_datasets(load_config(PACKAGED_CONFIGS / "finetune.yaml", settings).data)
+    vae, cache = tiny_pipeline.vae, tmp_path / "cache"
+    latents = latent_cache.cached_latents(vae, images, cache)
+    assert latents.shapes == images.shapes and len(set(images.shapes)) >= 3
+    for from_images, from_cache in zip(islice(train_batches(images, 2, seed=1), 12),
+                                       islice(train_batches(latents, 2, seed=1), 12)):
+        assert from_cache["caption"] == from_images["caption"]  # the same batches, bucket by bucket
+        with torch.no_grad():
+            encoded = vae.encode(from_images["pixel_values"]).latent_dist
+        assert torch.allclose(from_cache["latent_mean"], encoded.mean, atol=1e-5)
+        assert torch.allclose(from_cache["latent_std"], encoded.std, atol=1e-5)
+
+    monkeypatch.setattr(latent_cache, "encode_dataset", lambda *args: pytest.fail("encoded again"))
+    again = latent_cache.cached_latents(vae, images, cache)
+    assert again.shapes == latents.shapes and again.captions == latents.captions
+    assert all(torch.equal(a, b) for a, b in zip(again.mean, latents.mean))
+    monkeypatch.undo()
+    coarser, _, _ = build_datasets(load_config(PACKAGED_CONFIGS / "finetune.yaml",
+                                               [*settings, "data.buckets.step=16"]).data)
+    assert latent_cache.cache_key(vae, coarser) != latent_cache.cache_key(vae, images)
+
+
+def test_a_bucketed_finetune_caches_its_latents_and_trains_as_without_the_cache(trained_run, tmp_path, capsys):
+    data = clean_folder(tmp_path / "data", count=8).root
+    settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
+                "data.buckets.enabled=true", "train.finetune.steps=3", "train.finetune.batch_size=2",
+                "train.finetune.learning_rate=1e-3", "train.finetune.sample_every=0",
+                "train.finetune.sample_at_start=false", "data.validation_fraction=0", "device=cpu"]
+    for cache in ("true", "false"):
+        run_training(load_config(PACKAGED_CONFIGS / "finetune.yaml", [
+            *settings, f"run_dir={tmp_path / cache}", f"cache_latents={cache}"]))
+    assert "caching latents (24x40)" in capsys.readouterr().err
+    cached, encoded = (load_file(tmp_path / cache / FINETUNED) for cache in ("true", "false"))
+    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
+    moved = max((encoded[k] - source[k]).abs().max().item() for k in encoded)
+    difference = max((cached[k] - encoded[k]).abs().max().item() for k in encoded)
+    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+
+
+def test_latents_are_not_cached_under_random_flips_and_the_note_says_why(trained_run, tmp_path, capsys):
+    from t2i.data.build import build_datasets
+    from t2i.training.run import _latents_or_images
+
+    data = clean_folder(tmp_path / "data", count=4).root
+    config = load_config(PACKAGED_CONFIGS / "finetune.yaml", [
+        "finetune.model=m", f"data.path={data}", "data.buckets.enabled=true", "data.random_flip=true"])
+    images, _, _ = build_datasets(config.data)
+    assert _latents_or_images(config, Text2ImagePipeline.from_pretrained(trained_run / "pipeline").vae,
+                              images) is images
+    assert ("latents are not cached: the images change from epoch to epoch (data.random_flip)"
+            in capsys.readouterr().out)
+
+
 def test_diffusers_load_lora_weights_reads_the_adapters(trained_run, tmp_path):
     """The exported base model plus diffusers' `load_lora_weights` is the merged t2i pipeline, weights and images."""
     import numpy as np

@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from t2i.atomic import write_file
@@ -23,27 +23,49 @@ from t2i.data.shapes import ShapesDataset
 
 
 class LatentDataset(Dataset):
-    """Posterior moments (mean, std) of every image, with its caption; latents are sampled per step."""
+    """Posterior moments (mean, std) of every image, with its caption; latents are sampled per step.
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, captions: list[str]):
-        self.mean, self.std, self.captions = mean, std, captions
+    Images of one size have their moments stacked in `mean` and `std`. Aspect-ratio buckets (`shapes`: each item's
+    (height, width) in pixels, as `ImageCaptionDataset.shapes`) give lists of per-item moments instead, and the
+    batch sampler draws every batch from one bucket, as it does from the images. An item may be asked for as `i` or
+    as `(i, epoch)`, as the samplers of images pass it."""
+
+    def __init__(self, mean: torch.Tensor | list[torch.Tensor], std: torch.Tensor | list[torch.Tensor],
+                 captions: list[str], shapes: list[tuple[int, int]] | None = None):
+        self.mean, self.std, self.captions, self.shapes = mean, std, captions, shapes
 
     def __len__(self) -> int:
         return len(self.captions)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i = int(key[0] if isinstance(key, tuple) else key)
         return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.captions[i]}
 
 
 @torch.no_grad()
-def encode_dataset(vae: AutoencoderKL, dataset: Dataset, batch_size: int = 256) -> LatentDataset:
+def _encode(vae: AutoencoderKL, dataset: Dataset, batch_size: int, desc: str) -> LatentDataset:
     means, stds, captions = [], [], []
-    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc="caching latents"):
+    for batch in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc):
         posterior = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
         captions.extend(batch["caption"])
     return LatentDataset(torch.cat(means), torch.cat(stds), captions)
+
+
+def encode_dataset(vae: AutoencoderKL, dataset: Dataset, batch_size: int = 256) -> LatentDataset:
+    """Every item's posterior moments; a bucketed dataset's (one with `shapes`) are encoded a bucket at a time."""
+    shapes = getattr(dataset, "shapes", None)
+    if shapes is None:
+        return _encode(vae, dataset, batch_size, "caching latents")
+    means: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
+    stds, captions = list(means), [""] * len(shapes)
+    for height, width in sorted(set(shapes)):
+        members = [i for i, shape in enumerate(shapes) if shape == (height, width)]
+        bucket = _encode(vae, Subset(dataset, members), batch_size, f"caching latents ({height}x{width})")
+        for j, i in enumerate(members):
+            means[i], stds[i], captions[i] = bucket.mean[j], bucket.std[j], bucket.captions[j]
+    return LatentDataset(means, stds, captions, list(shapes))
 
 
 def cached_latents(vae: AutoencoderKL, dataset: Dataset, cache_dir: Path | None) -> LatentDataset:
@@ -54,20 +76,44 @@ def cached_latents(vae: AutoencoderKL, dataset: Dataset, cache_dir: Path | None)
     path = Path(cache_dir) / f"latents-{key[:32]}.safetensors"
     if path.is_file():
         try:
-            tensors = load_file(path)
-            with open(path, "rb") as f:  # the captions ride in the safetensors header
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
-            if header["key"] == key:
+            latents = _read_latents(path, key)
+            if latents is not None:
                 print(f"latents read from the cache: {path}")
-                return LatentDataset(tensors["mean"], tensors["std"], json.loads(header["captions"]))
-        except (OSError, SafetensorError, ValueError, KeyError):
+                return latents
+        except (OSError, SafetensorError, ValueError, KeyError, TypeError):
             print(f"latent cache {path} is unreadable; encoding again")
     latents = encode_dataset(vae, dataset)
     path.parent.mkdir(parents=True, exist_ok=True)
     with write_file(path) as draft:  # complete or absent: a reader never sees half a cache
-        save_file({"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}, draft,
-                  metadata={"key": key, "captions": json.dumps(latents.captions)})
+        _write_latents(latents, key, draft)
     return latents
+
+
+def _write_latents(latents: LatentDataset, key: str, path: Path) -> None:
+    """Stacked moments as `mean` and `std`; bucketed ones item by item (`mean.0`, `std.0`, ...), with their shapes.
+    The captions (and shapes) ride in the safetensors header."""
+    metadata = {"key": key, "captions": json.dumps(latents.captions)}
+    if latents.shapes is None:
+        tensors = {"mean": latents.mean.contiguous(), "std": latents.std.contiguous()}
+    else:
+        metadata["shapes"] = json.dumps(latents.shapes)
+        tensors = {f"{name}.{i}": moment.contiguous() for name, moments in (("mean", latents.mean), ("std", latents.std))
+                   for i, moment in enumerate(moments)}
+    save_file(tensors, path, metadata=metadata)
+
+
+def _read_latents(path: Path, key: str) -> LatentDataset | None:
+    """The latents written under `key` at `path`, or None when the file holds another key's."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    if header["key"] != key:
+        return None
+    tensors, captions = load_file(path), json.loads(header["captions"])
+    if "shapes" not in header:
+        return LatentDataset(tensors["mean"], tensors["std"], captions)
+    shapes = [tuple(shape) for shape in json.loads(header["shapes"])]
+    return LatentDataset([tensors[f"mean.{i}"] for i in range(len(shapes))],
+                         [tensors[f"std.{i}"] for i in range(len(shapes))], captions, shapes)
 
 
 def cache_key(vae: AutoencoderKL, dataset: Dataset) -> str:

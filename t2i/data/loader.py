@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from t2i.data.buckets import BucketBatchSampler
 from t2i.data.image_captions import ImageCaptionDataset
+from t2i.data.latents import LatentDataset
 from t2i.data.prefetch import prefetched
 from t2i.data.sampler import ResumableBatchSampler
 from t2i.data.sources.webdataset import ShardStream
@@ -45,8 +46,9 @@ class EpochKeyedBatchSampler(Sampler[list[tuple[int, int]]]):
 
 def batch_sampler(dataset: Dataset, batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
                   world_size: int = 1) -> Sampler:
-    """The resumable batch sampler that suits a map-style dataset."""
-    if isinstance(dataset, ImageCaptionDataset) and dataset.shapes is not None:
+    """The resumable batch sampler that suits a map-style dataset: one bucket a batch where items have their own
+    shapes (aspect-ratio buckets, as images or as their cached latents)."""
+    if isinstance(dataset, (ImageCaptionDataset, LatentDataset)) and dataset.shapes is not None:
         shapes = sorted(set(dataset.shapes))
         buckets = [shapes.index(shape) for shape in dataset.shapes]
         return BucketBatchSampler(buckets, batch_size, seed, start_batch, rank, world_size)

@@ -322,19 +322,25 @@ def _latents_or_images(config: RunConfig, vae: AutoencoderKL, dataset: Dataset) 
     """The dataset encoded once by the frozen VAE, when `cache_latents` is on and every item is fixed."""
     if not config.cache_latents:
         return dataset
-    if not _fixed_items(dataset):
-        print("latents are not cached: random crops, flips, aspect-ratio buckets or a streamed dataset change the "
-              "images from epoch to epoch")
+    if (reason := _why_items_change(dataset)) is not None:
+        print(f"latents are not cached: {reason}")
         return dataset
     return cached_latents(vae, dataset, _cache_dir(config))
 
 
-def _fixed_items(dataset: Dataset) -> bool:
-    """Is item i the same image of one size every epoch (so that its latents can be computed once)?"""
+def _why_items_change(dataset: Dataset) -> str | None:
+    """Why item i is not the same image every epoch (so that its latents cannot be computed once), or None when
+    it is: the shapes data, and user images centre-cropped and unflipped, square or in aspect-ratio buckets."""
     if isinstance(dataset, ShapesDataset):
-        return True
-    return (isinstance(dataset, ImageCaptionDataset) and dataset.shapes is None and dataset.crop == "center"
-            and not dataset.random_flip)
+        return None
+    if not isinstance(dataset, ImageCaptionDataset):
+        return "a streamed dataset's images are not known up front"
+    augmentations = [name for name, on in (("data.crop: random", dataset.crop != "center"),
+                                           ("data.random_flip", dataset.random_flip)) if on]
+    if augmentations:
+        return (f"the images change from epoch to epoch ({' and '.join(augmentations)}); with data.crop: center and "
+                "data.random_flip: false they are cached")
+    return None
 
 
 def _preview_captions(dataset: Dataset) -> list[str]:

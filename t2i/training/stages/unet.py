@@ -29,7 +29,7 @@ def sample_latents(vae: AutoencoderKL, batch: dict, rng: BatchRandomness) -> tor
     those runs channels-last throughout (its convolutions follow their input), where bf16 GroupNorm is slow: the
     demo's U-Net took 123.8 ms for forward and backward on such input against 118.2 ms on contiguous input.
     Cached moments come out of batch collation contiguous; latents encoded at every step (fine-tuning with random
-    crops or buckets) did not."""
+    crops or flips) did not."""
     if "latent_mean" in batch:
         mean, std = batch["latent_mean"], batch["latent_std"]
     else:
