@@ -81,6 +81,44 @@ def test_a_crashed_finetune_resumes_to_the_uninterrupted_weights(trained_run, tm
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
 
 
+def stopped_at_step_2(trained_run: Path, tmp_path: Path):
+    """A 4-step fine-tune at batch 4 on one process, stopped inside step 3 (after the step-2 checkpoint), and the
+    config maker for resuming it (or running it whole) with more settings."""
+    data = clean_folder(tmp_path / "data", count=16).root
+    settings = [f"finetune.model={trained_run / 'pipeline'}", f"data.path={data}", "data.dataset=imagefolder",
+                "train.finetune.steps=4", "train.finetune.checkpoint_every=1", "train.finetune.learning_rate=1e-3",
+                "train.finetune.sample_every=0", "train.finetune.sample_at_start=false", "data.validation_fraction=0",
+                "device=cpu"]
+    config = lambda run, *more: load_config(PACKAGED_CONFIGS / "finetune.yaml",  # noqa: E731
+                                            [*settings, f"run_dir={run}", *more])
+    with killed_at_loss_call(FinetuneStage, 3):
+        run_training(config(tmp_path / "stopped", "train.finetune.batch_size=4"))
+    return config
+
+
+def test_a_resume_on_other_micro_batches_is_refused_saying_how_to_resume(trained_run, tmp_path):
+    config = stopped_at_step_2(trained_run, tmp_path)
+    with pytest.raises(T2IError, match=r"micro-batches of 4 images \(1 process x batch_size 4\); this run would take "
+                                       r"2 images \(1 process x batch_size 2\), another training. Resume with 1 "
+                                       r"process at train.finetune.batch_size=4"):
+        run_training(config(tmp_path / "stopped", "train.finetune.batch_size=2"), resume=True)
+
+
+def test_a_resume_keeps_the_micro_batch_however_many_processes_share_it(trained_run, tmp_path, capfd):
+    """Stopped on one process at batch 4, resumed by 2 processes at batch 2: the uninterrupted weights, within
+    rounding."""
+    config = stopped_at_step_2(trained_run, tmp_path)
+    run_training(config(tmp_path / "stopped", "train.finetune.batch_size=2", "local_processes=2"), resume=True)
+    assert ("[finetune] training on micro-batches of 4 images (2 processes x batch_size 2), where 4 images (1 "
+            "process x batch_size 4) trained" in capfd.readouterr().out)
+    run_training(config(tmp_path / "whole", "train.finetune.batch_size=4"))
+    whole, resumed = load_file(tmp_path / "whole" / FINETUNED), load_file(tmp_path / "stopped" / FINETUNED)
+    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
+    moved = max((whole[k] - source[k]).abs().max().item() for k in whole)
+    difference = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
+    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+
+
 def test_the_data_source_is_detected_from_what_is_there(tmp_path):
     folder = clean_folder(tmp_path / "images", count=2).root
     shards = write_shards(tmp_path / "shards", count=4, per_shard=2, bad=False).root

@@ -41,7 +41,7 @@ def test_checkpoints_are_complete_and_pruned(trained_run):
         "rng.json", "rng.safetensors", "trainer_state.json"]
     state = json.loads((checkpoints[-1] / "trainer_state.json").read_text())
     assert state.pop("elapsed_s") > 0
-    assert state == {"step": 6, "micro_batches": 6, "skipped_steps": 0}
+    assert state == {"step": 6, "micro_batches": 6, "skipped_steps": 0, "processes": 1}
     assert json.loads((checkpoints[-1] / "config.json").read_text())["train"]["unet"]["steps"] == 6
 
 

@@ -40,6 +40,9 @@ class TrainingState:
     # Seconds of training up to this step, over every resumed part, so that metrics.jsonl's elapsed_s goes on
     # from where the run stopped.
     elapsed_s: float = 0.0
+    # The processes that shared every micro-batch; None in a checkpoint written before t2i recorded it (its config's
+    # local_processes then tells).
+    processes: int | None = None
 
 
 class CheckpointError(T2IError):
@@ -82,6 +85,13 @@ def save_checkpoint(run_dir: Path, state: TrainingState, model: torch.nn.Module,
         (staging / CONFIG).write_text(json.dumps(config, indent=2))
     _prune(run_dir, keep)
     return final
+
+
+def batch_split(folder: Path, state: TrainingState, stage: str) -> tuple[int, int]:
+    """(processes, images per process) of each micro-batch of the run that wrote the checkpoint at `folder`."""
+    with _reading(folder, CONFIG):
+        config = json.loads((folder / CONFIG).read_text())
+        return state.processes or config.get("local_processes", 1), config["train"][stage]["batch_size"]
 
 
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler,

@@ -38,6 +38,7 @@ from t2i.pipeline.speed import compile_cache_dir
 from t2i.precision import resolve_mixed_precision
 from t2i.training.checkpoint import (
     TrainingState,
+    batch_split,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -134,7 +135,7 @@ class TrainLoop:
         self.model = self.accelerator.unwrap_model(self.stage_loss).model  # the bare network
         # foreach: one multi-tensor update instead of a Python loop over the parameters (4% of a demo U-Net step).
         self.ema = EMAModel(trainable, decay=config.ema_decay, foreach=True) if config.ema_decay else None
-        self.state = TrainingState(step=0, micro_batches=0)
+        self.state = TrainingState(step=0, micro_batches=0, processes=self.accelerator.num_processes)
         self.saved_step: int | None = None  # the step of the latest checkpoint, known alike to every process
         self.metrics_file = run_dir / "metrics.jsonl"
         self.is_main = self.accelerator.is_main_process
@@ -145,11 +146,31 @@ class TrainLoop:
             return
         self.state, ema_weights = load_checkpoint(checkpoint, self.model, self.optimizer, self.lr_scheduler,
                                                   weights_only=weights_only)
+        resplit = self._check_batch_split(checkpoint)
+        self.state.processes = self.accelerator.num_processes
         self.saved_step = self.state.step
         if self.ema is not None and ema_weights is not None:
             _load_ema(self.ema, self.trainable, ema_weights, self.state.step - self.state.skipped_steps)
         how = "weights only, fresh optimizer" if weights_only else "exact"
         self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.step} ({how})")
+        if resplit is not None:
+            self.accelerator.print(f"[{self.stage.name}] {resplit}")
+
+    def _check_batch_split(self, checkpoint: Path) -> str | None:
+        """Resume only on micro-batches of the checkpoint's size: the data order, every random draw and the
+        averaged gradient are then its global batch's, however many processes share it. Return a note when they
+        are shared otherwise than in the checkpoint's run."""
+        name = self.stage.name
+        saved = batch_split(checkpoint, self.state, name)
+        now = (self.accelerator.num_processes, self.config.batch_size)
+        if saved[0] * saved[1] != now[0] * now[1]:
+            raise T2IError(f"[{name}] checkpoint '{checkpoint}' was trained on micro-batches of {_split(saved)}; "
+                           f"this run would take {_split(now)}, another training. Resume with "
+                           f"{_fitting_split(saved, now[0], name)}")
+        if saved == now:
+            return None
+        return (f"training on micro-batches of {_split(now)}, where {_split(saved)} trained: the same training "
+                "within rounding, not bit for bit")
 
     def run(self) -> torch.nn.Module:
         config, accelerator = self.config, self.accelerator
@@ -357,6 +378,26 @@ class _StageLoss(torch.nn.Module):
 
     def forward(self, batch: dict, rng: BatchRandomness) -> tuple[torch.Tensor, dict]:
         return self.loss(self.model, batch, rng)
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' if count > 1 else ''}"
+
+
+def _split(split: tuple[int, int]) -> str:
+    """'8 images (2 processes x batch_size 4)' for (processes, batch size)."""
+    processes, batch_size = split
+    return f"{processes * batch_size} images ({_processes(processes)} x batch_size {batch_size})"
+
+
+def _fitting_split(saved: tuple[int, int], processes: int, stage: str) -> str:
+    """How to resume on the saved micro-batch: as saved, or with this run's processes at the batch size that fits."""
+    images = saved[0] * saved[1]
+    how = (f"{_processes(saved[0])} at train.{stage}.batch_size={saved[1]} (local_processes, or accelerate launch "
+           "--num_processes)")
+    if images % processes == 0 and processes != saved[0]:
+        how += f", or {_processes(processes)} at train.{stage}.batch_size={images // processes}"
+    return how
 
 
 def _finite_or_none(record: dict) -> dict:

@@ -24,9 +24,11 @@ CONFIG = "config.yaml"
 FAILED_START_FILES = {CONFIG, QUARANTINE_FILE}  # what a run writes before its first stage begins
 STAGE_FOLDERS: tuple[str, ...] = get_args(Stage)  # each stage trains in a folder of its name
 # Settings free to change on resume: by the last part of their dotted key, or whole.
+# local_processes and batch_size may change together, keeping each micro-batch's images: the loop checks that
+# against the checkpoint it resumes from (TrainLoop._check_batch_split).
 FREE_SETTINGS = {"log_every", "sample_every", "sample_at_start", "checkpoint_every", "keep_checkpoints",
-                 "loader_workers", "max_nonfinite_steps", "compile"}
-FREE_KEYS = {"run_dir", "device", "latent_cache_dir", "stages"}
+                 "loader_workers", "max_nonfinite_steps", "compile", "batch_size"}
+FREE_KEYS = {"run_dir", "device", "latent_cache_dir", "stages", "local_processes"}
 FREE_SECTIONS = {"sampling"}
 # The stages that read a config section (by the first part of a key); a section not listed is read by all.
 READERS = {"vae": {"vae"}, "text_encoder": {"clip", "unet", "sr", "finetune"}, "unet": {"unet"}, "sr": {"sr"},
