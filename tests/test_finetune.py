@@ -52,6 +52,11 @@ def test_lora_finetune_quarantines_the_bad_files_and_saves_a_loadable_pipeline(t
     assert changed and all("attn" in k for k in changed)  # only the adapted attention projections moved
     pipe = Text2ImagePipeline.from_pretrained(out / "pipeline", device="cpu")
     assert pipe("a red circle", num_inference_steps=2, seed=0)[0].size == (32, 32)
+    for folder, hint in ((out, f"the pipeline is in '{out / 'pipeline'}'"),
+                         (out / "finetune" / "final" / "lora", "it holds LoRA adapters .* only. Use the fine-tuned "
+                          "pipeline with them merged in \\(OUT/pipeline")):
+        with pytest.raises(T2IError, match=f"is neither a t2i pipeline .*; {hint}"):
+            Text2ImagePipeline.from_pretrained(folder)
 
 
 def test_too_many_bad_files_stop_the_run_before_training(trained_run, tmp_path, capsys):

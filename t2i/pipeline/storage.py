@@ -28,6 +28,7 @@ DIFFUSERS_INDEX = "model_index.json"
 DIFFUSERS_DEFAULTS = "t2i_defaults.json"
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 FORMAT_VERSION = 1
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file, as `t2i finetune` writes it
 PIPELINE_MARKERS = (MANIFEST, DIFFUSERS_INDEX)  # a folder holding either is a pipeline, which a new one may replace
 SR = "sr"
 CLASSIFIER = "classifier"
@@ -45,7 +46,20 @@ def load_components(path: Path, allow_pickle: bool = False) -> dict:
     if (path / DIFFUSERS_INDEX).is_file():
         return {**_load_diffusers(path, allow_pickle), **_load_optional(path, allow_pickle)}
     raise T2IError(f"'{path}' is neither a t2i pipeline (no {MANIFEST}) nor a diffusers Stable Diffusion "
-                   f"folder (no {DIFFUSERS_INDEX})")
+                   f"folder (no {DIFFUSERS_INDEX}){_what_it_is(path)}")
+
+
+def _what_it_is(path: Path) -> str:
+    """For a folder that is not a pipeline, what it holds instead when a user may have taken it for one: a
+    fine-tune's LoRA adapters, or a run folder with its pipeline inside."""
+    if (path / LORA_WEIGHTS).is_file():
+        return (f"; it holds LoRA adapters ({LORA_WEIGHTS}) only. Use the fine-tuned pipeline with them merged in "
+                "(OUT/pipeline of `t2i finetune`), or load them onto their base model with diffusers' "
+                "load_lora_weights")
+    inner = path / "pipeline"
+    if any((inner / marker).is_file() for marker in PIPELINE_MARKERS):
+        return f"; the pipeline is in '{inner}'"
+    return ""
 
 
 def _require(path: Path, *names: str) -> None:
