@@ -283,6 +283,22 @@ def test_a_table_of_image_paths_reads_the_files_relative_to_its_folder(tmp_path,
     assert [s.caption for s in train.samples] == [folder.good[name] for name in names[:2]]
     assert train[0]["pixel_values"].shape == (3, 32, 32)
     assert quarantined(tmp_path / "run") == {"train[2]": "missing file", "train[3]": "not an image"}
+    assert quarantine_details(tmp_path / "run")["train[2]"] == f"no file '{folder.root / 'gone.png'}'"
+
+
+def test_an_empty_image_cell_is_a_missing_image(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    pictures = [{"bytes": image_bytes((40, 40), seed=0), "path": None}, None]
+    table = datasets.Dataset.from_dict({"image": pictures, "text": ["a picture", "no picture"]},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "text": datasets.Value("string")}))
+    table.to_parquet(str(tmp_path / "table.parquet"))
+    config = DataConfig(dataset="datasets", path=str(tmp_path / "table.parquet"), max_bad_fraction=1.0)
+    train, _, _ = build_datasets(config, tmp_path / "run")
+    assert [s.caption for s in train.samples] == ["a picture"]
+    assert quarantined(tmp_path / "run") == {"train[1]": "missing image"}
+    assert quarantine_details(tmp_path / "run") == {"train[1]": "column 'image' is empty in this row"}
 
 
 def test_a_table_row_with_a_list_of_captions_gives_a_sample_a_caption(tmp_path):

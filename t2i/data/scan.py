@@ -54,10 +54,10 @@ def load_rgb(image: ImageSource) -> Image.Image:
     try:
         data = read_image_source(image)
         if isinstance(data, Path):
-            if not data.exists():
-                raise Rejected(MISSING_FILE)
+            if not data.exists():  # named in full: a table's row names it only by its number
+                raise Rejected(MISSING_FILE, f"no file '{data}'")
             if not data.is_file():
-                raise Rejected(NOT_A_FILE)
+                raise Rejected(NOT_A_FILE, f"'{data}' is not a file")
             data = data.read_bytes()
     except OSError as error:  # no permission, an I/O error, a file gone from a table's cache
         raise Rejected(UNREADABLE, str(error)) from None

@@ -100,6 +100,8 @@ class RowImage:
                 return Path(value["path"]).read_bytes()
         if isinstance(value, bytes):
             return value
+        if value is None:
+            raise Rejected(MISSING_IMAGE, f"column '{self.column}' is empty in this row")
         if isinstance(value, str):
             if "://" in value:
                 raise Rejected(NOT_AN_IMAGE, f"column '{self.column}' holds a URL, and t2i downloads no images")
