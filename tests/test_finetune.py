@@ -114,8 +114,8 @@ def test_a_resume_keeps_the_micro_batch_however_many_processes_share_it(trained_
     rounding."""
     config = stopped_at_step_2(trained_run, tmp_path)
     run_training(config(tmp_path / "stopped", "train.finetune.batch_size=2", "local_processes=2"), resume=True)
-    assert ("[finetune] training on micro-batches of 4 images (2 processes x batch_size 2), where 4 images (1 "
-            "process x batch_size 4) trained" in capfd.readouterr().out)
+    assert ("at step 2 (on micro-batches of 4 images (2 processes x batch_size 2), where 4 images (1 process x "
+            "batch_size 4) trained" in capfd.readouterr().out)
     run_training(config(tmp_path / "whole", "train.finetune.batch_size=4"))
     whole, resumed = load_file(tmp_path / "whole" / FINETUNED), load_file(tmp_path / "stopped" / FINETUNED)
     source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")

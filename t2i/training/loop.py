@@ -151,10 +151,8 @@ class TrainLoop:
         self.saved_step = self.state.step
         if self.ema is not None and ema_weights is not None:
             _load_ema(self.ema, self.trainable, ema_weights, self.state.step - self.state.skipped_steps)
-        how = "weights only, fresh optimizer" if weights_only else "exact"
+        how = "weights only, fresh optimizer" if weights_only else resplit or "exact"
         self.accelerator.print(f"[{self.stage.name}] resumed from {checkpoint} at step {self.state.step} ({how})")
-        if resplit is not None:
-            self.accelerator.print(f"[{self.stage.name}] {resplit}")
 
     def _check_batch_split(self, checkpoint: Path) -> str | None:
         """Resume only on micro-batches of the checkpoint's size: the data order, every random draw and the
@@ -169,8 +167,8 @@ class TrainLoop:
                            f"{_fitting_split(saved, now[0], name)}")
         if saved == now:
             return None
-        return (f"training on micro-batches of {_split(now)}, where {_split(saved)} trained: the same training "
-                "within rounding, not bit for bit")
+        return (f"on micro-batches of {_split(now)}, where {_split(saved)} trained: the same training within "
+                "rounding, not bit for bit")
 
     def run(self) -> torch.nn.Module:
         config, accelerator = self.config, self.accelerator
