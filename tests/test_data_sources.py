@@ -286,6 +286,14 @@ def test_a_table_of_image_paths_reads_the_files_relative_to_its_folder(tmp_path,
     assert quarantine_details(tmp_path / "run")["train[2]"] == f"no file '{folder.root / 'gone.png'}'"
 
 
+def test_an_image_folders_metadata_file_given_as_the_data_says_to_give_its_folder(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    folder = clean_folder(tmp_path, count=2)
+    with pytest.raises(T2IError, match=f"is an image folder's metadata file: give its folder \\('{folder.root}'\\)"):
+        build_datasets(DataConfig(dataset="datasets", path=str(folder.root / "metadata.jsonl")))
+
+
 def test_an_empty_image_cell_is_a_missing_image(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

@@ -16,6 +16,7 @@ import datasets
 
 from t2i.data.quarantine import MISSING_IMAGE, NOT_AN_IMAGE, Rejected
 from t2i.data.sources.entry import Entry
+from t2i.data.sources.imagefolder import METADATA_FILES
 from t2i.errors import T2IError
 
 # `datasets` builders that read a local data file, by its extension.
@@ -120,6 +121,9 @@ def _path_base(path: str) -> Path:
 
 def list_hf_dataset(path: str, image_column: str, caption_column: str, split: str = "train") -> list[Entry]:
     table = load_table(path, split)
+    if Path(path).name in METADATA_FILES and image_column not in table.column_names:
+        raise T2IError(f"'{path}' is an image folder's metadata file: give its folder ('{Path(path).parent}') as "
+                       "the data path, and the images beside it are read with their captions")
     for column in (image_column, caption_column):
         if column not in table.column_names:
             raise T2IError(f"'{path}' has no column '{column}' (it has {', '.join(table.column_names)}); set "
