@@ -293,15 +293,25 @@ def _finetune_overrides(args) -> list[str]:
                "train.finetune.checkpoint_every": args.checkpoint_every, "data.image_column": args.image_column,
                "data.caption_column": args.caption_column, "finetune.allow_pickle": args.allow_pickle or None}
     if args.validation_prompts is not None:
-        if not args.validation_prompts.is_file():
-            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' "
-                           + ("is a folder" if args.validation_prompts.is_dir() else "does not exist"))
-        prompts = [line.strip() for line in args.validation_prompts.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise T2IError(f"--validation-prompts file '{args.validation_prompts}' holds no prompts; write one a line, "
-                           "or leave the option out to preview captions from the data")
-        options["finetune.validation_prompts"] = json.dumps(prompts)
+        options["finetune.validation_prompts"] = json.dumps(_validation_prompts(args.validation_prompts))
     return [f"{key}={value}" for key, value in options.items() if value is not None] + args.overrides
+
+
+def _validation_prompts(path: Path) -> list[str]:
+    """The prompts of a --validation-prompts file, one a line (UTF-8, a byte-order mark dropped)."""
+    if not path.is_file():
+        raise T2IError(f"--validation-prompts file '{path}' does not exist" if not path.exists() else
+                       f"--validation-prompts '{path}' is not a file; give a text file of one prompt a line")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise T2IError(f"--validation-prompts file '{path}' is not UTF-8 text ({error.reason} at byte "
+                       f"{error.start}); save it as UTF-8") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise T2IError(f"--validation-prompts file '{path}' holds no prompts; write one a line, or leave the option "
+                       "out to preview captions from the data")
+    return prompts
 
 
 def _finetune(args) -> None:

@@ -161,7 +161,18 @@ def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
                               str(tmp_path))) == 2
-    assert f"--validation-prompts file '{tmp_path}' is a folder" in capsys.readouterr().err
+    assert f"--validation-prompts '{tmp_path}' is not a file" in capsys.readouterr().err
+
+
+def test_a_validation_prompts_file_not_in_utf8_is_refused_and_a_byte_order_mark_dropped(tmp_path, capsys):
+    from t2i.cli import _validation_prompts
+
+    (tmp_path / "latin1.txt").write_bytes("un café\n".encode("latin-1"))
+    assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
+                              str(tmp_path / "latin1.txt"))) == 2
+    assert "is not UTF-8 text (invalid continuation byte at byte 6); save it as UTF-8" in capsys.readouterr().err
+    (tmp_path / "excel.txt").write_bytes("\ufeffun café ☕\r\na rocket\r\n".encode("utf-8"))
+    assert _validation_prompts(tmp_path / "excel.txt") == ["un café ☕", "a rocket"]
 
 
 def test_finetune_needs_a_model_and_runs_alone():
