@@ -19,7 +19,7 @@ from t2i.training.run import run_training
 from t2i.training.stages.finetune import FinetuneStage
 
 from conftest import REPO, killed_at_loss_call
-from data_fixtures import clean_folder, planted_folder, write_shards
+from data_fixtures import clean_folder, good_images, planted_folder, write_shards
 
 FINETUNED = "finetune/final/pipeline/unet/diffusion_pytorch_model.safetensors"
 FINETUNED_TEXT_ENCODER = "finetune/final/pipeline/text_encoder/model.safetensors"
@@ -122,6 +122,21 @@ def test_a_resume_keeps_the_micro_batch_however_many_processes_share_it(trained_
     moved = max((whole[k] - source[k]).abs().max().item() for k in whole)
     difference = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
     assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+
+
+def test_a_resume_on_changed_data_says_it_will_not_end_where_an_uninterrupted_run_would(trained_run, tmp_path,
+                                                                                         capsys):
+    config = stopped_at_step_2(trained_run, tmp_path)
+    with killed_at_loss_call(FinetuneStage, 1):  # resumed on the same data, and stopped again
+        run_training(config(tmp_path / "stopped", "train.finetune.batch_size=4"), resume=True)
+    assert "the data changed" not in capsys.readouterr().out
+    folder = tmp_path / "data" / "clean_jsonl"
+    with (folder / "metadata.jsonl").open("a") as metadata:  # the user adds images before resuming
+        for name, caption in good_images(folder, count=4, prefix="added").items():
+            metadata.write(json.dumps({"file_name": name, "text": caption}) + "\n")
+    run_training(config(tmp_path / "stopped", "train.finetune.batch_size=4"), resume=True)
+    assert ("[run] the data changed since this run last started (16 -> 20 training samples, 0 -> 0 held-out samples; "
+            "or files edited): it resumes on the data as it is now" in capsys.readouterr().out)
 
 
 def test_the_data_source_is_detected_from_what_is_there(tmp_path):

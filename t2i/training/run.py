@@ -10,6 +10,7 @@
     run_dir/<stage>/checkpoints  resumable checkpoints; metrics.jsonl, samples/
     run_dir/pipeline             the assembled Text2ImagePipeline
     run_dir/quarantine.jsonl     user images skipped as bad, each with its reason
+    run_dir/data.json            the user's data at the run's last start: a resume on changed data says so
     run_dir/t2i.lock             while a run is in progress: who holds the folder
 
 One run at a time per folder: the main process holds the folder's lock for every process of the run. A first
@@ -17,6 +18,7 @@ SIGTERM or SIGINT stops the stage in training after its current step, with a che
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -36,7 +38,7 @@ from t2i.config_io import to_dict
 from t2i.data.build import build_datasets
 from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.labels import SHAPES_LABELS, LabelledDataset, scene_labels
-from t2i.data.latents import cached_latents
+from t2i.data.latents import cached_latents, data_fingerprint
 from t2i.data.shapes import ShapesDataset, prompt_suite
 from t2i.diffusion.schedules import scheduler_config
 from t2i.diffusion.super_resolution import residual_scale
@@ -55,7 +57,7 @@ from t2i.training import run_lock
 from t2i.training.interrupt import StopRequest
 from t2i.training.launch import is_launched, launch_local
 from t2i.training.loop import FINAL, train
-from t2i.training.run_folder import (CONFIG, check_run_folder, check_stage_inputs, is_trained,
+from t2i.training.run_folder import (CONFIG, check_run_folder, check_stage_inputs, data_change_note, is_trained,
                                      missing_for_pipeline)
 from t2i.training.stages.classifier import ClassifierStage
 from t2i.training.stages.clip import ClipStage
@@ -167,6 +169,9 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
     dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
+    if processes.is_main_process and (record := data_record(dataset, validation)) is not None:
+        if (changed := data_change_note(run_dir, record, resume)) is not None:
+            print(f"[run] {changed}")
     inputs = StageInputs(config, run_dir, dataset, validation, device)
 
     for name in config.stages:
@@ -190,6 +195,17 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
         (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
     processes.wait_for_everyone()
     return run_dir / "pipeline"
+
+
+def data_record(dataset: Dataset, validation: Dataset | None) -> dict | None:
+    """How many samples the user's scanned images hold, and a fingerprint of their files, captions and settings;
+    None for data that is not scanned up front (the shapes set, streamed shards)."""
+    if not isinstance(dataset, ImageCaptionDataset):
+        return None
+    held_out = validation if isinstance(validation, ImageCaptionDataset) else None
+    fingerprint = data_fingerprint(dataset) + (data_fingerprint(held_out) if held_out is not None else "")
+    return {"training samples": len(dataset), "held-out samples": len(held_out) if held_out is not None else 0,
+            "fingerprint": hashlib.sha256(fingerprint.encode()).hexdigest()}
 
 
 @dataclass(frozen=True)

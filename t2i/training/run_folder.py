@@ -9,6 +9,7 @@ yet finished, which moves where it ends.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import get_args
 
@@ -21,7 +22,8 @@ from t2i.training import run_lock
 from t2i.training.loop import FINAL
 
 CONFIG = "config.yaml"
-FAILED_START_FILES = {CONFIG, QUARANTINE_FILE}  # what a run writes before its first stage begins
+DATA_RECORD = "data.json"  # what the user's data held when the run last started or resumed (data_change_note)
+FAILED_START_FILES = {CONFIG, QUARANTINE_FILE, DATA_RECORD}  # what a run writes before its first stage begins
 STAGE_FOLDERS: tuple[str, ...] = get_args(Stage)  # each stage trains in a folder of its name
 # Settings free to change on resume: by the last part of their dotted key, or whole.
 # local_processes and batch_size may change together, keeping each micro-batch's images: the loop checks that
@@ -147,3 +149,20 @@ def check_stage_inputs(config: RunConfig, run_dir: Path) -> bool:
 def missing_for_pipeline(config: RunConfig, run_dir: Path) -> list[str]:
     """The stages still to train in `run_dir` before its pipeline can be assembled."""
     return [need for need in stage_needs(config)["pipeline"] if not is_trained(run_dir, need)]
+
+
+def data_change_note(run_dir: Path, record: dict, resume: bool) -> str | None:
+    """Keep `record` (the samples of the user's data and their fingerprint) in the run folder; on a resume, a note
+    when the data differs from the record of the run's last start: a resumed run then trains on other batches
+    than an uninterrupted one would have (fixed bad files, added or edited images), so its weights differ."""
+    path = run_dir / DATA_RECORD
+    try:
+        before = json.loads(path.read_text()) if resume else None
+    except (OSError, ValueError):
+        before = None
+    path.write_text(json.dumps(record))
+    if not isinstance(before, dict) or before == record:
+        return None
+    counts = ", ".join(f"{before.get(part, 0)} -> {record[part]} {part}" for part in record if part != "fingerprint")
+    return (f"the data changed since this run last started ({counts}; or files edited): it resumes on the data as "
+            "it is now, so it will not end on the weights of an uninterrupted run")
