@@ -266,6 +266,23 @@ def test_latents_cached_on_disk_are_reused_and_never_stale(tmp_path, monkeypatch
     assert latent_cache.cache_key(vae, dataset) != key
 
 
+def test_a_cache_folder_that_cannot_be_written_is_one_clear_line(tmp_path, tiny_pipeline):
+    from t2i.data.build import build_datasets
+    from t2i.data.latents import cached_latents
+    from t2i.data.text_states import cached_text_states
+
+    folder = clean_folder(tmp_path / "data", count=2).root
+    dataset, _, _ = build_datasets(load_config(PACKAGED_CONFIGS / "finetune.yaml",
+                                               ["finetune.model=m", f"data.path={folder}"]).data)
+    (tmp_path / "a-file").write_text("")
+    not_a_folder = tmp_path / "a-file" / "cache"
+    message = "cannot write the cache file '.*a-file/cache/.*' \\(Not a directory\\): set latent_cache_dir to a writable"
+    with pytest.raises(T2IError, match=message):
+        cached_latents(tiny_pipeline.vae, dataset, not_a_folder)
+    with pytest.raises(T2IError, match=message):
+        cached_text_states(tiny_pipeline.text_encoder, ["a caption"], not_a_folder)
+
+
 def test_bucketed_latents_are_cached_and_equal_those_encoded_at_every_step(tmp_path, monkeypatch, tiny_pipeline):
     from itertools import islice
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +22,7 @@ from tqdm.auto import tqdm
 from t2i.atomic import write_file
 from t2i.data.image_captions import ImageCaptionDataset
 from t2i.data.shapes import ShapesDataset
+from t2i.errors import T2IError
 
 
 class LatentDataset(Dataset):
@@ -83,10 +86,22 @@ def cached_latents(vae: AutoencoderKL, dataset: Dataset, cache_dir: Path | None)
         except (OSError, SafetensorError, ValueError, KeyError, TypeError):
             print(f"latent cache {path} is unreadable; encoding again")
     latents = encode_dataset(vae, dataset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with write_file(path) as draft:  # complete or absent: a reader never sees half a cache
+    with writing_cache(path) as draft:
         _write_latents(latents, key, draft)
     return latents
+
+
+@contextmanager
+def writing_cache(path: Path) -> Iterator[Path]:
+    """A draft of the cache file `path`, swapped in complete (a reader never sees half a cache); a folder or disk
+    that cannot take it stops the run with one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with write_file(path) as draft:
+            yield draft
+    except OSError as error:
+        raise T2IError(f"cannot write the cache file '{path}' ({error.strerror or error}): set latent_cache_dir to a "
+                       "writable folder with free space, or leave it unset to keep the caches in memory") from None
 
 
 def _write_latents(latents: LatentDataset, key: str, path: Path) -> None:

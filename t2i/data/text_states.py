@@ -16,8 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from t2i.atomic import write_file
-from t2i.data.latents import hash_weights
+from t2i.data.latents import hash_weights, writing_cache
 from t2i.models.text_encoder import TextEncoder
 
 EMPTY_PROMPT = ""  # the unconditional prompt of classifier-free guidance, as caption dropout writes it
@@ -64,8 +63,7 @@ def cached_text_states(text_encoder: TextEncoder, captions: list[str], cache_dir
         except (OSError, SafetensorError, KeyError):
             print(f"text-state cache {path} is unreadable; encoding again")
     encoded = encode_captions(text_encoder, distinct)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with write_file(path) as draft:
+    with writing_cache(path) as draft:
         save_file({"states": encoded.states.contiguous()}, draft, metadata={"key": key})
     return encoded
 
