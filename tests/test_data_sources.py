@@ -286,6 +286,20 @@ def test_a_table_of_image_paths_reads_the_files_relative_to_its_folder(tmp_path,
     assert quarantine_details(tmp_path / "run")["train[2]"] == f"no file '{folder.root / 'gone.png'}'"
 
 
+@pytest.mark.parametrize("metadata", ["sidecar", "jsonl"])
+def test_a_run_folder_inside_the_image_folder_is_not_read_as_data(tmp_path, metadata):
+    """`t2i finetune --data . --out runs/mine` from inside the image folder: the run's sample grids are no images to
+    train on, nor bad or unlisted ones, when the run resumes."""
+    folder = clean_folder(tmp_path, count=4, metadata=metadata)
+    run_dir = folder.root / "runs" / "mine"
+    (run_dir / "finetune" / "samples").mkdir(parents=True)
+    (run_dir / "finetune" / "samples" / "step_0000002.png").write_bytes(image_bytes((64, 32), seed=9))
+    train, _, report = build_datasets(DataConfig(dataset="imagefolder", path=str(folder.root)), run_dir)
+    assert sorted(s.name for s in train.samples) == sorted(folder.good)
+    assert report.skipped == {} and report.notes == []
+    assert not (run_dir / "quarantine.jsonl").exists()
+
+
 def test_an_image_folders_metadata_file_given_as_the_data_says_to_give_its_folder(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

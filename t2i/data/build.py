@@ -50,7 +50,7 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     process makes the same datasets and the same report.
     """
     quarantine_path = run_dir / QUARANTINE_FILE if run_dir is not None else None
-    train, validation, report = _BUILDERS[config.dataset](config, quarantine_path if main_process else None)
+    train, validation, report = _BUILDERS[config.dataset](config, quarantine_path if main_process else None, run_dir)
     report.quarantine_path = quarantine_path
     if main_process:
         print("\n".join([report.summary(), *report.notes]), flush=True)
@@ -59,7 +59,7 @@ def build_datasets(config: DataConfig, run_dir: Path | None = None, main_process
     return train, validation, report
 
 
-def _shapes(config: DataConfig, quarantine_path: Path | None) -> Datasets:
+def _shapes(config: DataConfig, quarantine_path: Path | None, run_dir: Path | None) -> Datasets:
     dataset = ShapesDataset(size=config.size, resolution=config.resolution, seed=config.seed,
                             held_out=config.held_out_pairs, two_object_fraction=config.two_object_fraction,
                             paraphrase_prob=config.paraphrase_prob, partial_caption_prob=config.partial_caption_prob,
@@ -67,18 +67,20 @@ def _shapes(config: DataConfig, quarantine_path: Path | None) -> Datasets:
     return dataset, None, ScanReport(kept=len(dataset))
 
 
-def _imagefolder(config: DataConfig, quarantine_path: Path | None) -> Datasets:
-    return _scanned(list_imagefolder(Path(config.path), config.caption_column), config, quarantine_path)
+def _imagefolder(config: DataConfig, quarantine_path: Path | None, run_dir: Path | None) -> Datasets:
+    # A run folder inside the image folder (`--data . --out runs/mine`) holds sample grids, not training images.
+    entries = list_imagefolder(Path(config.path), config.caption_column, skip=run_dir)
+    return _scanned(entries, config, quarantine_path)
 
 
-def _hf_datasets(config: DataConfig, quarantine_path: Path | None) -> Datasets:
+def _hf_datasets(config: DataConfig, quarantine_path: Path | None, run_dir: Path | None) -> Datasets:
     from t2i.data.sources.hf_datasets import list_hf_dataset  # imports `datasets` only when asked for
 
     entries = list_hf_dataset(config.path, config.image_column, config.caption_column, config.split)
     return _scanned(entries, config, quarantine_path)
 
 
-def _webdataset(config: DataConfig, quarantine_path: Path | None) -> Datasets:
+def _webdataset(config: DataConfig, quarantine_path: Path | None, run_dir: Path | None) -> Datasets:
     shards = list_shards(Path(config.path))
     quarantine = Quarantine(quarantine_path)
     options = StreamOptions(config.resolution, config.crop, config.random_flip, config.seed, config.shuffle_buffer,
@@ -125,8 +127,8 @@ def _several_captions_note(samples: list) -> str | None:
     return f"data: {which}; each caption is a sample of its own"
 
 
-# Each builder is given the quarantine file to write, or None on the processes that write nothing.
-_BUILDERS: dict[str, Callable[[DataConfig, Path | None], Datasets]] = {
+# Each builder is given the quarantine file to write (None on the processes that write nothing) and the run folder.
+_BUILDERS: dict[str, Callable[[DataConfig, Path | None, Path | None], Datasets]] = {
     "shapes": _shapes,
     "imagefolder": _imagefolder,
     "datasets": _hf_datasets,

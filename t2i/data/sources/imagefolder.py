@@ -60,8 +60,9 @@ class Row(NamedTuple):
     file: str = ""
 
 
-def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
-    """Every entry of the folder, sorted by name; bad ones carry their `problem`."""
+def list_imagefolder(root: Path, caption_column: str = "text", skip: Path | None = None) -> list[Entry]:
+    """Every entry of the folder, sorted by name; bad ones carry their `problem`. `skip` is a folder under root that
+    holds no data: the run's own folder, whose sample grids are not training images."""
     if not root.is_dir():
         raise T2IError(f"data.path '{root}' is not a folder")
     present = [name for name in METADATA_FILES if (root / name).is_file()]
@@ -72,8 +73,8 @@ def list_imagefolder(root: Path, caption_column: str = "text") -> list[Entry]:
     elif present == ["metadata.csv"]:
         rows = _csv_rows(root, caption_column)
     else:
-        return sorted(_sidecar_entries(root), key=lambda entry: entry.name)
-    entries = _distinct_rows(rows, present[0]) + _unlisted_images(root, present[0], rows)
+        return sorted(_sidecar_entries(root, skip), key=lambda entry: entry.name)
+    entries = _distinct_rows(rows, present[0]) + _unlisted_images(root, present[0], rows, skip)
     return sorted(entries, key=lambda entry: entry.name)
 
 
@@ -200,10 +201,10 @@ def _distinct_rows(rows: list[Row], metadata: str) -> list[Entry]:
     return entries
 
 
-def _unlisted_images(root: Path, metadata: str, rows: list[Row]) -> list[Entry]:
-    """The images under root that no row of `metadata` names, as left-out entries."""
+def _unlisted_images(root: Path, metadata: str, rows: list[Row], skip: Path | None) -> list[Entry]:
+    """The images under root (but not under `skip`) that no row of `metadata` names, as left-out entries."""
     listed = {PurePosixPath(name).as_posix() for row in rows for name in (row.entry.name, row.file) if name}
-    images, _ = _folder_files(root)
+    images, _ = _folder_files(root, skip)
     return [Entry(name, None, None, Rejected(NOT_IN_METADATA, f"{metadata} has no row for it"))
             for name in images if _pil_reads(name) and name not in listed]
 
@@ -233,11 +234,12 @@ def _stem(name: str) -> str:
     return folder + slash + file.split(".", 1)[0]
 
 
-def _folder_files(root: Path) -> tuple[list[str], list[Entry]]:
-    """The name of every file under root, hidden files and folders aside, and an entry for each symlinked folder
-    that points out of the root. Symlinked folders are followed while they stay inside it (each real folder once)."""
+def _folder_files(root: Path, skip: Path | None = None) -> tuple[list[str], list[Entry]]:
+    """The name of every file under root, hidden files and folders and the folder `skip` aside, and an entry for each
+    symlinked folder that points out of the root. Symlinked folders are followed while they stay inside it (each real
+    folder once)."""
     names, escaping = [], []
-    visited = {root.resolve()}
+    visited = {root.resolve()} | ({skip.resolve()} if skip is not None else set())
     for folder, subfolders, files in os.walk(root, followlinks=True):
         kept = []
         for name in sorted(subfolders):
@@ -256,10 +258,10 @@ def _folder_files(root: Path) -> tuple[list[str], list[Entry]]:
     return names, escaping
 
 
-def _sidecar_entries(root: Path) -> list[Entry]:
-    """Every image under root (as the module docstring says), each captioned by the .txt beside it, and every
-    caption that pairs with no image; a symlinked folder out of the root is quarantined."""
-    names, entries = _folder_files(root)
+def _sidecar_entries(root: Path, skip: Path | None) -> list[Entry]:
+    """Every image under root but not under `skip` (as the module docstring says), each captioned by the .txt beside
+    it, and every caption that pairs with no image; a symlinked folder out of the root is quarantined."""
+    names, entries = _folder_files(root, skip)
     present = set(names)
     images = [name for name in names if _is_image_name(name) or (_pil_reads(name) and _caption_name(name) in present)]
     for name in images:
