@@ -45,3 +45,9 @@ def test_a_stage_that_logged_one_loss_shows_it_as_a_point(tmp_path):
     pixels = np.asarray(loss_curves(tmp_path, ["sr"])).astype(int)
     line_colour = np.abs(pixels - np.array([31, 119, 180])).sum(axis=-1) < 60  # matplotlib's first colour
     assert line_colour.sum() > 10
+
+
+def test_the_sampling_settings_read_as_words_not_a_json_dump(tmp_path):
+    settings = {"steps": 30, "guidance_scale": 5.0, "sampler": "euler_a", "sr": {"noise_level": 50}}
+    _, report = write_report(tmp_path, small_evaluation(), tmp_path, [], {"total": 1.0}, settings)
+    assert "<p>Sampling: steps 30, guidance_scale 5.0, sampler euler_a; sr: noise_level 50</p>" in report.read_text()

@@ -85,6 +85,13 @@ def _cascade_html(upscaled: Evaluation, fidelity: Fidelity | None) -> str:
     return section
 
 
+def _settings_text(settings: dict) -> str:
+    """'steps 30, guidance_scale 5.0, ...; sr: num_inference_steps 20, ...' for the sampling settings."""
+    flat = ", ".join(f"{key} {value}" for key, value in settings.items() if not isinstance(value, dict))
+    nested = "".join(f"; {key}: {_settings_text(value)}" for key, value in settings.items() if isinstance(value, dict))
+    return flat + nested
+
+
 def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: list[str], timings: dict,
                  settings: dict, upscaled: Evaluation | None = None,
                  fidelity: Fidelity | None = None, resumed: bool = False,
@@ -129,7 +136,7 @@ def write_report(out_dir: Path, evaluation: Evaluation, run_dir: Path, stages: l
 tr.ok td{{background:#eaf7ea}} tr.bad td{{background:#fbeaea}} img{{image-rendering:pixelated}}
 img.curves{{max-width:100%;height:auto;image-rendering:auto}}</style></head>
 <body><h1>t2i demo report</h1>
-<p>Sampling: {html.escape(json.dumps(settings))}</p>
+<p>Sampling: {html.escape(_settings_text(settings))}</p>
 <h2>Judged accuracy (fraction of images)</h2><table>{''.join(summary_rows)}</table>
 {cascade}<h2>Time</h2>{timing_note}<table>{timing_rows}</table>
 <h2>Loss curves</h2>{curves_html}
