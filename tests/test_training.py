@@ -130,7 +130,11 @@ def test_a_resume_with_settings_that_change_the_training_is_refused(tmp_path):
         check_run_folder(run_dir, longer, resume=True)
 
 
-def test_resume_skips_finished_stages(trained_run, capsys):
+def test_resume_skips_finished_stages_and_reads_no_data(trained_run, capsys, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("a finished run resumed built its datasets")  # the demo's 20,000 shapes: 2-12 s
+
+    monkeypatch.setattr("t2i.training.run.build_datasets", no_data)
     run_training(tiny_config(trained_run), resume=True)
     out = capsys.readouterr().out
     assert "[vae] already trained" in out and "[unet] already trained" in out

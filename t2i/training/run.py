@@ -168,15 +168,17 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
     if processes.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
-    dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
-    if processes.is_main_process and (record := data_record(dataset, validation)) is not None:
-        if (changed := data_change_note(run_dir, record, resume)) is not None:
-            print(f"[run] {changed}")
-    inputs = StageInputs(config, run_dir, dataset, validation, device)
+    untrained = [name for name in config.stages if not is_trained(run_dir, name)]
+    if untrained:  # a finished run resumed (a demo run again) reads no data
+        dataset, validation, _ = build_datasets(config.data, run_dir, processes.is_main_process)
+        if processes.is_main_process and (record := data_record(dataset, validation)) is not None:
+            if (changed := data_change_note(run_dir, record, resume)) is not None:
+                print(f"[run] {changed}")
+        inputs = StageInputs(config, run_dir, dataset, validation, device)
 
     for name in config.stages:
         stage_dir = run_dir / name
-        if is_trained(run_dir, name):
+        if name not in untrained:
             print(f"[{name}] already trained: {stage_dir / FINAL}")
             continue
         train_config = getattr(config.train, name)
