@@ -300,6 +300,26 @@ def test_a_run_folder_inside_the_image_folder_is_not_read_as_data(tmp_path, meta
     assert not (run_dir / "quarantine.jsonl").exists()
 
 
+@pytest.mark.parametrize("metadata", ["sidecar", "jsonl"])
+def test_another_run_folder_inside_the_image_folder_is_left_out_and_named(tmp_path, metadata):
+    """`--data . --out runs/a`, then `--data . --out runs/b`: runs/a's sample grids counted as missing-caption
+    images (or unlisted ones) and could stop runs/b over data.max_bad_fraction."""
+    folder = clean_folder(tmp_path, count=4, metadata=metadata)
+    earlier = folder.root / "runs" / "a"
+    (earlier / "finetune" / "samples").mkdir(parents=True)
+    (earlier / "config.yaml").write_text("stages: [finetune]\n")
+    (earlier / "finetune" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (earlier / "finetune" / "samples" / "step_0000002.png").write_bytes(image_bytes((64, 32), seed=9))
+    (folder.root / "album").mkdir()  # a folder with a config.yaml of its own but no run in it is read as data
+    (folder.root / "album" / "config.yaml").write_text("camera: x\n")
+    train, _, report = build_datasets(DataConfig(dataset="imagefolder", path=str(folder.root)),
+                                      folder.root / "runs" / "b")
+    assert sorted(s.name for s in train.samples) == sorted(folder.good)
+    assert report.skipped == {"t2i run folder": 1} and report.bad == 0
+    assert "data: 1 folder is a t2i run's output (its sample grids are not training images) and was left out: " \
+           "runs/a/" in report.notes
+
+
 def test_an_image_folders_metadata_file_given_as_the_data_says_to_give_its_folder(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")

@@ -45,6 +45,7 @@ UNREADABLE_SHARD = "unreadable shard"
 # Left out
 NOT_IN_METADATA = "not in metadata"
 CAPTION_WITHOUT_IMAGE = "caption without image"
+RUN_FOLDER = "t2i run folder"
 
 # Each left-out reason's note, for one entry and for several; a metadata file may list a chosen subset on purpose.
 LEFT_OUT = {
@@ -52,6 +53,8 @@ LEFT_OUT = {
                       "images in the folder are not in its metadata file and were left out"),
     CAPTION_WITHOUT_IMAGE: ("caption file has no image beside it that t2i reads and was left out",
                             "caption files have no image beside them that t2i reads and were left out"),
+    RUN_FOLDER: ("folder is a t2i run's output (its sample grids are not training images) and was left out",
+                 "folders are t2i runs' outputs (their sample grids are not training images) and were left out"),
 }
 
 

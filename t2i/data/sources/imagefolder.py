@@ -38,6 +38,7 @@ from t2i.data.quarantine import (
     DUPLICATE_ROW,
     ESCAPES_ROOT,
     NOT_IN_METADATA,
+    RUN_FOLDER,
     Rejected,
 )
 from t2i.data.sources.entry import Entry
@@ -204,9 +205,10 @@ def _distinct_rows(rows: list[Row], metadata: str) -> list[Entry]:
 def _unlisted_images(root: Path, metadata: str, rows: list[Row], skip: Path | None) -> list[Entry]:
     """The images under root (but not under `skip`) that no row of `metadata` names, as left-out entries."""
     listed = {PurePosixPath(name).as_posix() for row in rows for name in (row.entry.name, row.file) if name}
-    images, _ = _folder_files(root, skip)
+    images, left_out = _folder_files(root, skip)
     return [Entry(name, None, None, Rejected(NOT_IN_METADATA, f"{metadata} has no row for it"))
-            for name in images if _pil_reads(name) and name not in listed]
+            for name in images if _pil_reads(name) and name not in listed] + [
+        entry for entry in left_out if entry.problem.reason == RUN_FOLDER]
 
 
 def _is_image_name(name: str) -> bool:
@@ -234,10 +236,20 @@ def _stem(name: str) -> str:
     return folder + slash + file.split(".", 1)[0]
 
 
+def _is_run_folder(path: Path) -> bool:
+    """Does `path` hold a t2i run (`--data . --out runs/a`, then `--out runs/b`): its config.yaml and a stage folder
+    with metrics?"""
+    try:
+        return (path / "config.yaml").is_file() and any((child / "metrics.jsonl").is_file()
+                                                         for child in path.iterdir() if child.is_dir())
+    except OSError:  # an unreadable folder is walked (and reported) as any other
+        return False
+
+
 def _folder_files(root: Path, skip: Path | None = None) -> tuple[list[str], list[Entry]]:
     """The name of every file under root, hidden files and folders and the folder `skip` aside, and an entry for each
-    symlinked folder that points out of the root. Symlinked folders are followed while they stay inside it (each real
-    folder once)."""
+    symlinked folder that points out of the root or holds another t2i run (left out). Symlinked folders are followed
+    while they stay inside it (each real folder once)."""
     names, escaping = [], []
     visited = {root.resolve()} | ({skip.resolve()} if skip is not None else set())
     for folder, subfolders, files in os.walk(root, followlinks=True):
@@ -248,6 +260,8 @@ def _folder_files(root: Path, skip: Path | None = None) -> tuple[list[str], list
                 continue
             try:
                 resolve_inside(root, path.relative_to(root).as_posix())
+                if _is_run_folder(path):
+                    raise Rejected(RUN_FOLDER)
             except Rejected as problem:
                 escaping.append(Entry(path.relative_to(root).as_posix() + "/", None, None, problem))
                 continue
