@@ -26,7 +26,7 @@ class BucketConfig:
     """Aspect-ratio buckets (as sd-scripts): every batch one shape, shapes of about resolution² pixels."""
 
     enabled: bool = False
-    # Bucket sides are multiples of this; it should be a multiple of the VAE's latent factor.
+    # Bucket sides are multiples of this, which must be a multiple of the VAE's latent factor (checked).
     step: int = 8
     # The widest bucket is at most this many times wider than tall (and the tallest likewise).
     max_aspect_ratio: float = 2.0
@@ -453,6 +453,9 @@ class RunConfig:
             _check(not self.diffusion.learned_variance,
                    "diffusion.learned_variance applies to a U-Net trained here (stage unet); stage 'finetune' keeps "
                    "the variances of finetune.model")
+        else:
+            for problem in data_size_problems(self.data, self.vae.latent_factor, "the VAE's"):
+                _check(False, problem)
         if "clip" in self.stages:
             _check(self.text_encoder.source == "scratch",
                    "stage 'clip' trains a text encoder from scratch; drop it from 'stages' when "
@@ -468,6 +471,18 @@ class RunConfig:
             _check(high % self.sr.alignment == 0,
                    f"stage 'sr' trains at {high} px, which must be a multiple of {self.sr.alignment} (sr.patch_size "
                    "times 2 per extra sr.block_out_channels level)")
+
+
+def data_size_problems(data: DataConfig, latent_factor: int, whose: str) -> list[str]:
+    """What keeps the images' sizes from mapping to whole latents of a VAE that shrinks them `latent_factor` times
+    (for user images: the resolution, and the bucket step when buckets are on)."""
+    problems = []
+    if data.resolution % latent_factor:
+        problems.append(f"data.resolution {data.resolution} must be a multiple of {whose} latent factor {latent_factor}")
+    if data.buckets.enabled and data.buckets.step % latent_factor:
+        problems.append(f"data.buckets.step {data.buckets.step} must be a multiple of {whose} latent factor "
+                        f"{latent_factor}, so that every bucket's sides map to whole latents")
+    return problems
 
 
 def _check(condition: bool, message: str) -> None:

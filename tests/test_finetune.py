@@ -18,7 +18,7 @@ from t2i.errors import T2IError
 from t2i.training.run import run_training
 from t2i.training.stages.finetune import FinetuneStage
 
-from conftest import REPO, killed_at_loss_call
+from conftest import REPO, TINY_CONFIG, killed_at_loss_call
 from data_fixtures import clean_folder, good_images, planted_folder, write_shards
 
 FINETUNED = "finetune/final/pipeline/unet/diffusion_pytorch_model.safetensors"
@@ -480,3 +480,20 @@ def test_a_lora_rank_above_every_adapted_layers_rank_is_refused():
         add_lora(unet, LoRAConfig(rank=2, target_modules=("to_qq",)))
     add_lora(unet, LoRAConfig(rank=widest))
     assert any("lora" in name for name, _ in unet.named_parameters())
+
+
+def test_a_bucket_step_the_models_vae_cannot_map_to_whole_latents_is_refused(trained_run, tmp_path, capsys):
+    data = clean_folder(tmp_path / "data", count=4).root  # the tiny model's VAE shrinks images 2 times
+    assert main(finetune_args(trained_run / "pipeline", data, tmp_path / "run", "--set", "data.buckets.enabled=true",
+                              "--set", "data.buckets.step=3")) == 2
+    assert ("data.buckets.step 3 must be a multiple of the model's VAE's latent factor 2, so that every bucket's "
+            "sides map to whole latents") in capsys.readouterr().err
+
+
+def test_a_resolution_or_bucket_step_the_vae_trained_here_cannot_map_is_refused():
+    settings = ["data.dataset=imagefolder", "data.path=x", "vae.block_out_channels=[8,16,16,16]"]  # 8 times
+    with pytest.raises(T2IError, match="data.buckets.step 4 must be a multiple of the VAE's latent factor 8"):
+        load_config(TINY_CONFIG, [*settings, "data.buckets.enabled=true", "data.buckets.step=4"])
+    with pytest.raises(T2IError, match="data.resolution 40 must be a multiple of the VAE's latent factor 16"):
+        load_config(TINY_CONFIG, ["data.dataset=imagefolder", "data.path=x", "data.resolution=40",
+                                  "vae.block_out_channels=[8,16,16,16,16]"])

@@ -33,7 +33,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.data import DataLoader, Dataset
 
 from t2i.atomic import write_folder
-from t2i.config import RunConfig
+from t2i.config import RunConfig, data_size_problems
 from t2i.config_io import to_dict
 from t2i.data.build import build_datasets
 from t2i.data.image_captions import ImageCaptionDataset
@@ -248,6 +248,8 @@ def _unet_stage(inputs: StageInputs):
 def _finetune_stage(inputs: StageInputs):
     config = inputs.config
     source = load_source_pipeline(config, inputs.device)
+    if problems := data_size_problems(config.data, source.latent_factor, "the model's VAE's"):
+        raise T2IError("; ".join(problems))
     trained_at_resolution(source, config.data.resolution)
     preview = list(config.finetune.validation_prompts) or _preview_captions(inputs.validation or inputs.dataset)
     stage = FinetuneStage(source, config.finetune, config.diffusion, preview, inputs.validation,
