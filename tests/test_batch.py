@@ -192,6 +192,17 @@ def test_a_missing_or_unknown_prompt_file_is_one_clear_error(model, tmp_path, ca
     assert "must end in .txt, .jsonl or .csv" in err and "Traceback" not in err
 
 
+def test_prompt_file_suffixes_are_read_in_any_case(tmp_path):
+    write(tmp_path / "PROMPTS.TXT", ["a red circle", "a blue square"])
+    write(tmp_path / "p.JSONL", [{"prompt": "a red circle", "id": "red"}])
+    write(tmp_path / "p.Csv", ["id,prompt", "blue,a blue square"])
+    read = {name: read_items(tmp_path / name, DEFAULTS, 8) for name in ("PROMPTS.TXT", "p.JSONL", "p.Csv")}
+    assert [item.prompt for item in read["PROMPTS.TXT"][0]] == ["a red circle", "a blue square"]
+    assert [item.id for item in read["p.JSONL"][0]] == ["red"]
+    assert [item.id for item in read["p.Csv"][0]] == ["blue"]
+    assert all(problems == [] for _, problems in read.values())
+
+
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:3])
     for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0")):

@@ -133,10 +133,11 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     if not path.is_file():
         raise T2IError(f"prompt file '{path}' does not exist")
     readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".csv": _read_csv}
-    if path.suffix not in readers:
-        raise T2IError(f"prompt file '{path}' must end in .txt, .jsonl or .csv")
+    suffix = path.suffix.lower()  # PROMPTS.TXT too: Windows tools and old archives write upper-case names
+    if suffix not in readers:
+        raise T2IError(f"prompt file '{path}' must end in .txt, .jsonl or .csv (in any case)")
     try:
-        return readers[path.suffix](path.read_text(encoding="utf-8-sig"))  # -sig: drop a byte-order mark (Excel)
+        return readers[suffix](path.read_text(encoding="utf-8-sig"))  # -sig: drop a byte-order mark (Excel)
     except UnicodeDecodeError as error:
         raise T2IError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
