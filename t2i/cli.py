@@ -403,10 +403,10 @@ def _take_parameters_from_image(args) -> None:
 
 
 def _batch(args) -> None:
-    from t2i.jobs.run import BatchJob, finish, run_batch_job
+    from t2i.jobs.run import BatchJob, merge, run_batch_job
 
     if args.merge is not None:
-        records = finish(args.merge)
+        records = merge(args.merge)
         print(f"{len(records)} images in {args.merge / 'manifest.jsonl'}; gallery {args.merge / 'index.html'}")
         return
     missing = [name for name in ("model", "prompts", "out") if getattr(args, name) is None]

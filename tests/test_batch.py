@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -452,6 +453,63 @@ def test_merge_folds_leftover_shards_into_the_manifest(model, tmp_path, capsys):
     assert main(["batch", "--merge", str(out)]) == 0
     assert (out / "manifest.jsonl").read_text() == "".join(records)
     assert not list(out.glob("manifest.rank-*"))
+
+
+def _lock_held_by(out: Path, pid: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "t2i.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "process_start": None,
+                                              "started": "2026-01-01 00:00:00", "command": "t2i batch other"}))
+
+
+def test_a_second_job_or_merge_into_a_busy_output_folder_is_refused_naming_the_first(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    run(model, prompts, out)
+    (out / "images" / sorted(p.name for p in (out / "images").iterdir())[0]).unlink()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        _lock_held_by(out, other.pid)
+        before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+        assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",
+                     "--device", "cpu"]) == 2
+        assert f"output folder '{out}' is in use by pid {other.pid}" in capsys.readouterr().err
+        assert main(["batch", "--merge", str(out)]) == 2
+        assert f"is in use by pid {other.pid}" in capsys.readouterr().err
+    finally:
+        other.kill()
+        other.wait()
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # nothing made or merged
+
+
+def test_the_lock_of_a_killed_job_is_taken_over(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    _lock_held_by(out, gone.pid)
+    assert run(model, prompts, out).generated == 2
+    assert "taking over" in capsys.readouterr().err
+    assert not (out / "t2i.lock").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "other"])
+def test_merge_of_what_is_not_a_job_folder_is_one_clear_error(tmp_path, capsys, kind):
+    target = tmp_path / kind
+    if kind == "file":
+        target.write_text("a red circle\n")
+    elif kind != "missing":
+        target.mkdir()
+        if kind == "other":
+            (target / "notes.md").write_text("hello\n")
+    assert main(["batch", "--merge", str(target)]) == 2
+    err = capsys.readouterr().err
+    message = {"missing": "does not exist", "file": "is a file; give the --out folder",
+               "empty": "is not a batch job's output folder", "other": "is not a batch job's output folder"}[kind]
+    assert message in err and "Traceback" not in err
+    if target.is_dir():
+        assert [path.name for path in target.iterdir()] == (["notes.md"] if kind == "other" else [])  # no lock left
+    else:
+        assert kind == "file" or not target.exists()
 
 
 def test_generate_from_image_gives_the_same_pixels(model, tmp_path):

@@ -110,13 +110,20 @@ def repair_shard(path: Path) -> None:
         write_atomically(path, lines.encode())
 
 
-def merge_manifests(out: Path) -> list[dict]:
-    """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k); drop the shards."""
+def check_output_folder(out: Path) -> None:
+    """Refuse a path that is not a batch job's output folder: missing, a file, or a folder of something else."""
+    if out.is_file():
+        raise T2IError(f"'{out}' is a file; give the --out folder of a t2i batch job")
     if not out.is_dir():
         raise T2IError(f"output folder '{out}' does not exist")
     if not ((out / JOB).is_file() or (out / IMAGES).is_dir() or any(path.is_file() for path in manifest_files(out))):
         raise T2IError(f"'{out}' is not a batch job's output folder (it has no {JOB}, {IMAGES}/ or manifest); "
                        "give the --out folder of a t2i batch job")
+
+
+def merge_manifests(out: Path) -> list[dict]:
+    """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k); drop the shards."""
+    check_output_folder(out)
     records = [record for record in all_records(out).values() if (out / record["file"]).is_file()]
     records.sort(key=lambda record: (record["id"], record["k"]))
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,30 +93,49 @@ def run_batch_job(job: BatchJob) -> JobSummary:
     job_record = {"model": str(job.model.resolve()), "model_hash": model["hash"], "prompts": str(job.prompts),
                   "defaults": asdict(defaults), "batch_size": job.batch_size,
                   "dtype": dtype_name(pipe.dtype), "compile": job.compile}
-    outputs.check_job_file(job.out, job_record, job.force)
-    (job.out / outputs.IMAGES).mkdir(parents=True, exist_ok=True)
-    if processes.rank == 0:
-        outputs.write_job_file(job.out, job_record)
+    with output_folder_held(job.out, processes.world_size > 1):
+        outputs.check_job_file(job.out, job_record, job.force)
+        (job.out / outputs.IMAGES).mkdir(parents=True, exist_ok=True)
+        if processes.rank == 0:
+            outputs.write_job_file(job.out, job_record)
 
-    tasks = [task for item in items if processes.owns(item.id) for task in image_tasks(item, defaults.seed)]
-    shard = outputs.shard_name(processes.rank)
-    outputs.repair_shard(job.out / shard)
-    writer = ImageWriter(job.out, shard, model)
-    try:
-        pending = _pending_tasks(job.out, tasks, model, writer, job.force)
-        started = time.perf_counter()
-        _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
-    finally:
-        writer.close()
-    seconds = time.perf_counter() - started
-    processes.wait_for_everyone()
-    if processes.rank == 0:
-        finish(job.out)
+        tasks = [task for item in items if processes.owns(item.id) for task in image_tasks(item, defaults.seed)]
+        shard = outputs.shard_name(processes.rank)
+        outputs.repair_shard(job.out / shard)
+        writer = ImageWriter(job.out, shard, model)
+        try:
+            pending = _pending_tasks(job.out, tasks, model, writer, job.force)
+            started = time.perf_counter()
+            _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
+        finally:
+            writer.close()
+        seconds = time.perf_counter() - started
+        processes.wait_for_everyone()
+        if processes.rank == 0:
+            finish(job.out)
     return JobSummary(len(tasks), len(pending), len(tasks) - len(pending), len(problems), seconds)
 
 
+def output_folder_held(out: Path, launched: bool):
+    """One job (or merge) in an output folder at a time: a second is refused, naming the first's pid and command.
+    A lock left by a killed process is taken over with a line saying so. The processes of one `accelerate launch`
+    share the folder by design (each owns its items) and take no lock."""
+    from t2i.training import run_lock
+
+    return nullcontext() if launched else run_lock.hold(out, "output folder")
+
+
+def merge(out: Path) -> list[dict]:
+    """`t2i batch --merge DIR`: fold leftover shards into manifest.jsonl and rewrite index.html, unless a job runs."""
+    from t2i.training.launch import is_launched
+
+    outputs.check_output_folder(out)
+    with output_folder_held(out, is_launched()):
+        return finish(out)
+
+
 def finish(out: Path) -> list[dict]:
-    """Merge the manifest shards into manifest.jsonl and write index.html (also `t2i batch --merge`)."""
+    """Merge the manifest shards into manifest.jsonl and write index.html."""
     records = outputs.merge_manifests(out)
     write_gallery(out, records)
     return records

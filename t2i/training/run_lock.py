@@ -115,8 +115,9 @@ def _take_over(lock: Path, stale: LockHolder | None) -> bool:
     return True
 
 
-def acquire(run_dir: Path) -> Path:
-    """Take the lock of `run_dir` (creating the folder) or raise RunFolderBusy naming the holder."""
+def acquire(run_dir: Path, what: str = "run folder") -> Path:
+    """Take the lock of `run_dir` (creating the folder) or raise RunFolderBusy naming the holder; `what` names the
+    folder's kind in the messages ("run folder", "output folder")."""
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = (run_dir / LOCK_NAME).resolve()
     if lock in _held:
@@ -129,10 +130,10 @@ def acquire(run_dir: Path) -> Path:
             return lock
         holder = read_holder(lock)
         if holder is not None and _alive(holder):
-            raise RunFolderBusy(f"run folder '{run_dir}' is in use by {holder.describe()}; wait for that run to "
+            raise RunFolderBusy(f"{what} '{run_dir}' is in use by {holder.describe()}; wait for that run to "
                                 f"end or stop it. If it is gone, delete '{lock}'")
         _take_over(lock, holder)
-    raise RunFolderBusy(f"could not lock run folder '{run_dir}': other processes keep taking it")
+    raise RunFolderBusy(f"could not lock {what} '{run_dir}': other processes keep taking it")
 
 
 def release(lock: Path) -> None:
@@ -146,8 +147,8 @@ def release(lock: Path) -> None:
 
 
 @contextmanager
-def hold(run_dir: Path) -> Iterator[Path]:
-    lock = acquire(run_dir)
+def hold(run_dir: Path, what: str = "run folder") -> Iterator[Path]:
+    lock = acquire(run_dir, what)
     try:
         yield lock
     finally:
