@@ -455,6 +455,25 @@ def test_merge_folds_leftover_shards_into_the_manifest(model, tmp_path, capsys):
     assert not list(out.glob("manifest.rank-*"))
 
 
+def test_manifest_and_gallery_describe_the_current_prompt_file_and_old_images_are_reported(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", PROMPTS[:3]), out, num_images=2)
+    before = {path.name: path.read_bytes() for path in (out / "images").iterdir()}
+    capsys.readouterr()
+    fewer = write(tmp_path / "p.txt", [PROMPTS[0], PROMPTS[2]])
+    assert run(model, fewer, out, num_images=2).generated == 0
+    assert {record["prompt"] for record in manifest_of(out)} == {PROMPTS[0], PROMPTS[2]}
+    assert len(manifest_of(out)) == 4
+    gallery = (out / "index.html").read_text()
+    assert "<p>4 images." in gallery and PROMPTS[1] not in gallery
+    assert f"2 image(s) in '{out / 'images'}' belong to no item of '{fewer}'" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (out / "images").iterdir()} == before  # left as they are
+    assert main(["batch", "--merge", str(out)]) == 0
+    assert len(manifest_of(out)) == 4 and "2 image(s) in" in capsys.readouterr().err
+    assert run(model, write(tmp_path / "p.txt", PROMPTS[:3]), out, num_images=2).generated == 0  # back, recorded
+    assert len(manifest_of(out)) == 6 and "image(s) in" not in capsys.readouterr().err
+
+
 def _lock_held_by(out: Path, pid: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "t2i.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": pid, "process_start": None,

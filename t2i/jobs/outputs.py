@@ -121,16 +121,25 @@ def check_output_folder(out: Path) -> None:
                        "give the --out folder of a t2i batch job")
 
 
-def merge_manifests(out: Path) -> list[dict]:
-    """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k); drop the shards."""
+def merge_manifests(out: Path, wanted: set[tuple[str, int]] | None = None) -> list[dict]:
+    """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k, and only those whose
+    (id, k) is `wanted` if given); drop the shards."""
     check_output_folder(out)
-    records = [record for record in all_records(out).values() if (out / record["file"]).is_file()]
+    records = [record for key, record in all_records(out).items()
+               if (out / record["file"]).is_file() and (wanted is None or key in wanted)]
     records.sort(key=lambda record: (record["id"], record["k"]))
     lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     write_atomically(out / MANIFEST, lines.encode())
     for shard in out.glob("manifest.rank-*.jsonl"):
         shard.unlink()
     return records
+
+
+def unlisted_images(out: Path, records: list[dict]) -> list[str]:
+    """Finished images in images/ (not temporaries) that no record lists, by name."""
+    listed = {record["file"] for record in records}
+    return sorted(path.name for path in (out / IMAGES).glob("*.png")
+                  if not path.name.startswith(".") and f"{IMAGES}/{path.name}" not in listed)
 
 
 def check_job_file(out: Path, job: dict, force: bool) -> None:

@@ -112,7 +112,7 @@ def run_batch_job(job: BatchJob) -> JobSummary:
         seconds = time.perf_counter() - started
         processes.wait_for_everyone()
         if processes.rank == 0:
-            finish(job.out)
+            finish(job.out, {(item.id, k) for item in items for k in range(item.num_images)}, job.prompts)
     return JobSummary(len(tasks), len(pending), len(tasks) - len(pending), len(problems), seconds)
 
 
@@ -134,10 +134,17 @@ def merge(out: Path) -> list[dict]:
         return finish(out)
 
 
-def finish(out: Path) -> list[dict]:
-    """Merge the manifest shards into manifest.jsonl and write index.html."""
-    records = outputs.merge_manifests(out)
+def finish(out: Path, wanted: set[tuple[str, int]] | None = None, prompts: Path | None = None) -> list[dict]:
+    """Merge the manifest shards into manifest.jsonl and write index.html. With `wanted`, the (id, k) of every image
+    the prompt file `prompts` asks for now, both describe those images alone; images of items since removed from
+    the file stay on disk untouched, and a line says how many."""
+    records = outputs.merge_manifests(out, wanted)
     write_gallery(out, records)
+    unlisted = outputs.unlisted_images(out, records)
+    if unlisted:
+        reason = f"belong to no item of '{prompts}'" if prompts is not None else "have no record in the manifest"
+        print(f"{len(unlisted)} image(s) in '{out / outputs.IMAGES}' {reason} (first: {unlisted[0]}); they are left "
+              "as they are and not listed", file=sys.stderr)
     return records
 
 
