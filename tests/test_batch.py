@@ -148,6 +148,8 @@ BAD_LINES = [
     ({"prompt": "a red circle", "sampler": "plms"}, "unknown sampler 'plms'"),
     ({"prompt": "a red circle", "seed": "7"}, "seed must be an integer"),
     ({"prompt": "a red circle", "num_images": 0}, "num_images must be at least 1"),
+    ({"prompt": "a red circle", "num_images": 100_000_000}, "num_images 100000000 is above the limit of 10,000 images "
+                                                            "per item"),
     ({"prompt": "a red circle", "id": "x/y"}, "id 'x/y' is not a safe file name"),
     ({"prompt": "a blue square", "id": "first"}, "duplicate id 'first' (first on line 1)"),
 ]
@@ -212,6 +214,19 @@ def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, ca
         err = capsys.readouterr().err
         assert err.count(f"error: {option}: ") == 1 and "line" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_job_too_large_to_plan_is_refused_up_front_naming_the_limit(model, tmp_path, capsys, monkeypatch):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:3])
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--num-images", "100000000"]) == 2
+    assert "--num-images: num_images 100000000 is above the limit of 10,000 images per item" in capsys.readouterr().err
+    monkeypatch.setattr("t2i.jobs.items.MAX_IMAGES_PER_JOB", 5)  # 3 items x 2 images: one too many
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--num-images", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "asks for 6 images, more than the 5 one job makes; split it into several files" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_byte_order_marks_of_spreadsheet_exports_are_dropped(model, tmp_path):

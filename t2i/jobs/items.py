@@ -23,6 +23,10 @@ INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DERIVED_ID_LENGTH = 12  # hex digits of sha256: collisions need ~16 M items
 MAX_SEED = 2**31 - 1
+# A job's images are planned in memory (about 0.25 kB each) and listed in one manifest and one gallery page, so a
+# typo such as num_images 100000000 would otherwise exhaust memory before the first image.
+MAX_IMAGES_PER_ITEM = 10_000
+MAX_IMAGES_PER_JOB = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,14 @@ def _csv_value(name: str, cell: str):
     return cell
 
 
+def check_job_size(items: list[Item], path: Path) -> None:
+    """Refuse, before any work, a file that asks for more images than one job's output folder holds."""
+    total = sum(item.num_images for item in items)
+    if total > MAX_IMAGES_PER_JOB:
+        raise T2IError(f"prompt file '{path}' asks for {total:,} images, more than the {MAX_IMAGES_PER_JOB:,} one job "
+                       "makes; split it into several files, each with its own --out")
+
+
 def check_defaults(defaults: JobDefaults, latent_factor: int) -> None:
     """The job's own values (command-line options, else the pipeline's), checked once: a bad one is named as an
     option rather than reported on every line of the prompt file that leaves the field out."""
@@ -250,6 +262,8 @@ def _make_item(line: int, fields: dict, defaults: JobDefaults, latent_factor: in
     num_images = fields.get("num_images", defaults.num_images)
     if num_images < 1:
         raise ValueError(f"num_images must be at least 1, got {num_images}")
+    if num_images > MAX_IMAGES_PER_ITEM:
+        raise ValueError(f"num_images {num_images} is above the limit of {MAX_IMAGES_PER_ITEM:,} images per item")
     item_id = _checked_id(fields["id"]) if "id" in fields else _derived_id(fields, repeats)
     return Item(item_id, line, prompt, negative, seed, steps, float(guidance), sampler, height, width, num_images)
 

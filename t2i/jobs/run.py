@@ -18,7 +18,7 @@ from pathlib import Path
 from t2i.errors import T2IError
 from t2i.jobs import outputs
 from t2i.jobs.gallery import write_gallery
-from t2i.jobs.items import ImageTask, JobDefaults, check_defaults, image_tasks, read_items
+from t2i.jobs.items import ImageTask, JobDefaults, check_defaults, check_job_size, image_tasks, read_items
 from t2i.jobs.parameters import format_parameters, model_hash, parse_parameters
 from t2i.jobs.processes import current_processes
 from t2i.jobs.writer import ImageWriter
@@ -85,6 +85,7 @@ def run_batch_job(job: BatchJob) -> JobSummary:
                            f"(--skip-invalid runs the valid ones):\n{listing}")
         if processes.rank == 0:
             print(f"skipping {len(problems)} invalid line(s):\n{listing}", file=sys.stderr)
+    check_job_size(items, job.prompts)
 
     model = {"name": job.model.resolve().name, "hash": model_hash(job.model)}
     # The number format the networks ran in, resolved: an "auto" job resumed on a machine whose default differs
