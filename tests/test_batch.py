@@ -151,6 +151,8 @@ BAD_LINES = [
     ({"prompt": "a red circle", "num_images": 100_000_000}, "num_images 100000000 is above the limit of 10,000 images "
                                                             "per item"),
     ({"prompt": "a red circle", "id": "x/y"}, "id 'x/y' is not a safe file name"),
+    ({"prompt": "a red \ud800 circle"}, "prompt is not valid Unicode: lone surrogate '\\ud800' at character 7"),
+    ({"prompt": "a red circle", "negative_prompt": "\udfff"}, "negative_prompt is not valid Unicode"),
     ({"prompt": "a blue square", "id": "first"}, "duplicate id 'first' (first on line 1)"),
 ]
 
@@ -208,7 +210,7 @@ def test_prompt_file_suffixes_are_read_in_any_case(tmp_path):
 
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:3])
-    for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0")):
+    for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0"), ("--negative", "blur\udcff")):
         assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                      option, value]) == 2
         err = capsys.readouterr().err

@@ -23,6 +23,7 @@ INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DERIVED_ID_LENGTH = 12  # hex digits of sha256: collisions need ~16 M items
 MAX_SEED = 2**31 - 1
+OPTION_OF_FIELD = {"negative_prompt": "negative"}  # `t2i batch --negative`: the rest are the field's name
 # A job's images are planned in memory (about 0.25 kB each) and listed in one manifest and one gallery page, so a
 # typo such as num_images 100000000 would otherwise exhaust memory before the first image.
 MAX_IMAGES_PER_ITEM = 10_000
@@ -225,7 +226,7 @@ def check_defaults(defaults: JobDefaults, latent_factor: int) -> None:
     try:
         _make_item(0, {"prompt": "-"}, defaults, latent_factor, {})
     except ValueError as error:
-        option = str(error).split()[0].replace("_", "-")
+        option = OPTION_OF_FIELD.get(str(error).split()[0], str(error).split()[0].replace("_", "-"))
         raise T2IError(f"--{option}: {error}") from None
 
 
@@ -240,6 +241,8 @@ def _make_item(line: int, fields: dict, defaults: JobDefaults, latent_factor: in
     negative = fields.get("negative_prompt", defaults.negative_prompt)
     if not isinstance(negative, str):
         raise ValueError(f"negative_prompt must be a string, got {type(negative).__name__}")
+    for name, text in (("prompt", prompt), ("negative_prompt", negative)):
+        _check_encodable(name, text)
     for name in INT_FIELDS:
         if name in fields and (not isinstance(fields[name], int) or isinstance(fields[name], bool)):
             raise ValueError(f"{name} must be an integer, got {fields[name]!r}")
@@ -266,6 +269,16 @@ def _make_item(line: int, fields: dict, defaults: JobDefaults, latent_factor: in
         raise ValueError(f"num_images {num_images} is above the limit of {MAX_IMAGES_PER_ITEM:,} images per item")
     item_id = _checked_id(fields["id"]) if "id" in fields else _derived_id(fields, repeats)
     return Item(item_id, line, prompt, negative, seed, steps, float(guidance), sampler, height, width, num_images)
+
+
+def _check_encodable(name: str, text: str) -> None:
+    """A lone surrogate (JSON's "\\ud800" without its pair, or a non-UTF-8 byte in a command-line argument) has no
+    UTF-8 form, so it could be neither embedded in a PNG nor written to the manifest."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{name} is not valid Unicode: lone surrogate {text[error.start]!r} at character "
+                         f"{error.start + 1}") from None
 
 
 def _checked_id(item_id) -> str:
