@@ -1,5 +1,6 @@
 """t2i batch on a tiny saved pipeline: items and ids, bad input, outputs, resume after SIGKILL, batch-size and order
 independence, 2-process sharding, --from-image, --merge, and the gallery in a headless browser."""
+import errno
 import hashlib
 import json
 import os
@@ -403,6 +404,29 @@ def test_an_image_damaged_after_it_was_made_is_made_again_and_a_re_encoded_one_i
     recorded = {record["file"]: record["sha256"] for record in manifest_of(out)}
     assert all(recorded[f"images/{name}"] == hashlib.sha256((out / "images" / name).read_bytes()).hexdigest()
                for name in names)
+
+
+def test_a_full_disk_stops_the_job_with_one_clear_line_and_a_rerun_finishes_it(model, tmp_path, capsys, monkeypatch):
+    prompts = write(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "out"
+    real_fsync, calls = os.fsync, [0]
+
+    def fsync_until_the_disk_is_full(descriptor):
+        calls[0] += 1
+        if calls[0] > 3:  # job.json and two images fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", fsync_until_the_disk_is_full)
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",
+                 "--device", "cpu", "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "images/" in err and "No space left on device; make room or fix the folder, then rerun" in err
+    assert "Traceback" not in err
+    assert len(list((out / "images").iterdir())) == 2  # two whole images, no temporary left taking space
+    monkeypatch.undo()
+    summary = run(model, prompts, out, batch_size=1)
+    assert (summary.generated, summary.already_done) == (3, 2) and len(manifest_of(out)) == 5
 
 
 def _saved_command(model, prompts, out, *options) -> list[str]:

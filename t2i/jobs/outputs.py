@@ -40,12 +40,23 @@ def temporary_path(path: Path) -> Path:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all; a failed write (a full disk) leaves no temporary behind."""
     staging = temporary_path(path)
-    with open(staging, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(staging, path)
+    try:
+        with open(staging, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(staging, path)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        raise write_failed(path, error) from None
+
+
+def write_failed(path: Path, error: OSError) -> T2IError:
+    """A one-line error for a write the disk refused (full, read-only, permissions)."""
+    return T2IError(f"could not write '{path}': {error.strerror or error}; make room or fix the folder, then rerun the "
+                    "same command (everything written so far is kept)")
 
 
 def sha256_of(data: bytes) -> str:
@@ -61,14 +72,24 @@ class ManifestShard:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "a", encoding="utf-8")
+        try:
+            self._file = open(path, "a", encoding="utf-8")
+        except OSError as error:
+            raise write_failed(path, error) from None
 
     def append(self, record: dict) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
+        except OSError as error:
+            raise write_failed(self.path, error) from None
 
     def close(self) -> None:
-        self._file.close()
+        """Close the file; a line that a full disk cut short is dropped by the next run (repair_shard)."""
+        try:
+            self._file.close()
+        except OSError as error:
+            raise write_failed(self.path, error) from None
 
 
 def read_records(path: Path) -> tuple[list[dict], bool]:

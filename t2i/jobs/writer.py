@@ -9,6 +9,7 @@ import queue
 import threading
 from pathlib import Path
 
+from t2i.errors import T2IError
 from t2i.jobs import outputs
 from t2i.jobs.items import ImageTask
 from t2i.jobs.parameters import format_parameters
@@ -45,7 +46,10 @@ class ImageWriter:
         """Write everything queued, then stop; re-raises an error the thread met."""
         self._queue.put(None)
         self._thread.join()
-        self.manifest.close()
+        try:
+            self.manifest.close()
+        except T2IError as error:  # the thread's own error, if any, came first and says more
+            self._error = self._error or error
         self._raise_if_failed()
 
     def _drain(self) -> None:
