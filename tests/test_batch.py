@@ -429,6 +429,20 @@ def test_a_full_disk_stops_the_job_with_one_clear_line_and_a_rerun_finishes_it(m
     assert (summary.generated, summary.already_done) == (3, 2) and len(manifest_of(out)) == 5
 
 
+def test_an_item_whose_sampling_goes_non_finite_is_skipped_and_reported_and_the_rest_are_made(model, tmp_path,
+                                                                                              capsys):
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "guidance": 1e308},
+                                           {"prompt": PROMPTS[2]}])
+    out = tmp_path / "out"
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s) could not be made: sampler 'dpmpp_2m' produced non-finite latents" in err
+    assert f"line 2 of '{prompts}'); the other 2 are done and listed" in err and "Traceback" not in err
+    assert sorted(record["prompt"] for record in manifest_of(out)) == [PROMPTS[0], PROMPTS[2]]
+    assert "<p>2 images." in (out / "index.html").read_text()
+
+
 def _saved_command(model, prompts, out, *options) -> list[str]:
     return [sys.executable, "-m", "t2i.cli", "batch", "--model", str(model), "--prompts", str(prompts),
             "--out", str(out), "--steps", "2", "--device", "cpu", *options]

@@ -107,14 +107,24 @@ def run_batch_job(job: BatchJob) -> JobSummary:
         try:
             pending = _pending_tasks(job.out, tasks, model, writer, job.force)
             started = time.perf_counter()
-            _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
+            failed = _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
         finally:
             writer.close()
         seconds = time.perf_counter() - started
         processes.wait_for_everyone()
         if processes.rank == 0:
             finish(job.out, {(item.id, k) for item in items for k in range(item.num_images)}, job.prompts)
+    if failed:
+        raise _failed_images_error(failed, {item.id: item.line for item in items}, job.prompts, len(tasks))
     return JobSummary(len(tasks), len(pending), len(tasks) - len(pending), len(problems), seconds)
+
+
+def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, int], prompts: Path,
+                         images: int) -> T2IError:
+    first, reason = failed[0]
+    return T2IError(f"{len(failed)} image(s) could not be made: {reason} (first: {first.file}, line "
+                    f"{lines[first.id]} of '{prompts}'); the other {images - len(failed)} are done and listed. Change "
+                    "those items (more steps, another sampler, a smaller guidance) and rerun the same command")
 
 
 def output_folder_held(out: Path, launched: bool):
@@ -225,20 +235,33 @@ def _read_parameters(path: Path) -> tuple[bool, str | None]:
     return True, parameters
 
 
-def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter, progress: bool) -> None:
+def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter,
+              progress: bool) -> list[tuple[ImageTask, str]]:
+    """Make and hand over every task's image; a batch whose sampling goes non-finite (an extreme guidance, too few
+    steps for its sampler) is skipped with a line, and its tasks are returned with the reason, so that one bad item
+    does not stop a long job."""
     from tqdm.auto import tqdm
 
+    from t2i.pipeline.pipeline import NonFiniteSample
+
     encoder = PromptEncoder(pipe)
+    failed = []
     with tqdm(total=len(tasks), unit="img", desc="t2i batch", disable=not progress or not tasks) as bar:
         for batch in plan_batches(tasks, batch_size):
             padded = batch + [batch[-1]] * (batch_size - len(batch))  # a full batch: same math for every image
             first = batch[0]
             context = encoder.encode([task.prompt for task in padded])
             negative = encoder.encode([task.negative_prompt for task in padded]) if first.guidance != 1.0 else None
-            latents = pipe.denoise(context, negative, [task.seed for task in padded], first.steps, first.guidance,
-                                   first.height, first.width, first.sampler)
-            writer.submit(batch, pipe.decode(latents)[:len(batch)])
+            try:
+                latents = pipe.denoise(context, negative, [task.seed for task in padded], first.steps,
+                                       first.guidance, first.height, first.width, first.sampler)
+            except NonFiniteSample as error:
+                bar.write(f"t2i batch: skipping {len(batch)} image(s) from {first.file}: {error}", file=sys.stderr)
+                failed += [(task, str(error)) for task in batch]
+            else:
+                writer.submit(batch, pipe.decode(latents)[:len(batch)])
             bar.update(len(batch))
+    return failed
 
 
 def plan_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
