@@ -232,6 +232,21 @@ def test_a_job_too_large_to_plan_is_refused_up_front_naming_the_limit(model, tmp
     assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
+def test_a_size_too_large_to_decode_is_an_invalid_line_or_a_named_option_not_an_out_of_memory_kill(model, tmp_path,
+                                                                                                    capsys):
+    huge = 2**20
+    prompts = write(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "height": huge, "width": huge}])
+    with pytest.raises(T2IError, match=f"line 2: {huge}x{huge} at batch 4 needs at least .* GiB to decode"):
+        run(model, prompts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert run(model, prompts, tmp_path / "out", skip_invalid=True).generated == 1
+    capsys.readouterr()
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--height", str(huge), "--width", str(huge)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: --height/--width: ") == 1 and "line" not in err
+
+
 def test_byte_order_marks_of_spreadsheet_exports_are_dropped(model, tmp_path):
     bom = "\ufeff"
     (tmp_path / "p.csv").write_text(bom + "id,prompt\nred,a red circle\n", encoding="utf-8")

@@ -18,7 +18,8 @@ from pathlib import Path
 from t2i.errors import T2IError
 from t2i.jobs import outputs
 from t2i.jobs.gallery import write_gallery
-from t2i.jobs.items import ImageTask, JobDefaults, check_defaults, check_job_size, image_tasks, read_items
+from t2i.jobs.items import (ImageTask, Item, JobDefaults, Problem, check_defaults, check_job_size, image_tasks,
+                            read_items)
 from t2i.jobs.parameters import format_parameters, model_hash, parse_parameters
 from t2i.jobs.processes import current_processes
 from t2i.jobs.writer import ImageWriter
@@ -77,7 +78,10 @@ def run_batch_job(job: BatchJob) -> JobSummary:
     pipe.speed_up(SpeedOptions(dtype=job.dtype, compile=job.compile))
     defaults = _resolve_defaults(job, pipe)
     check_defaults(defaults, pipe.latent_factor)
+    _check_default_size_fits(pipe, job.batch_size, defaults)
     items, problems = read_items(job.prompts, defaults, pipe.latent_factor)
+    items, too_large = _items_that_fit(pipe, job.batch_size, items)
+    problems = sorted(problems + too_large, key=lambda problem: problem.line)
     if problems:
         listing = "\n".join(f"  {job.prompts}: {problem}" for problem in problems)
         if not job.skip_invalid:
@@ -125,6 +129,33 @@ def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, i
     return T2IError(f"{len(failed)} image(s) could not be made: {reason} (first: {first.file}, line "
                     f"{lines[first.id]} of '{prompts}'); the other {images - len(failed)} are done and listed. Change "
                     "those items (more steps, another sampler, a smaller guidance) and rerun the same command")
+
+
+def _check_default_size_fits(pipe, batch_size: int, defaults: JobDefaults) -> None:
+    """A --height/--width too large to decode on this device is named once, not blamed on every line."""
+    try:
+        pipe.check_memory(batch_size, defaults.height, defaults.width)
+    except T2IError as error:
+        raise T2IError(f"--height/--width: {error}") from None
+
+
+def _items_that_fit(pipe, batch_size: int, items: list[Item]) -> tuple[list[Item], list[Problem]]:
+    """The items whose size this device can decode at this batch size, and a problem for each other one: found
+    before any work, rather than by the OS killing the job when it reaches them."""
+    fitting, problems, refusals = [], [], {}
+    for item in items:
+        size = (item.height, item.width)
+        if size not in refusals:
+            try:
+                pipe.check_memory(batch_size, *size)
+                refusals[size] = None
+            except T2IError as error:
+                refusals[size] = str(error)
+        if refusals[size] is None:
+            fitting.append(item)
+        else:
+            problems.append(Problem(item.line, refusals[size]))
+    return fitting, problems
 
 
 def output_folder_held(out: Path, launched: bool):

@@ -236,7 +236,7 @@ class Text2ImagePipeline:
         if batch_size is not None:
             _check_number("batch_size", batch_size, 1, None, integer=True)
         batch_size = batch_size or len(prompts)
-        self._check_memory(min(batch_size, len(prompts)), height, width)
+        self.check_memory(min(batch_size, len(prompts)), height, width)
         images: list[Image.Image] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
@@ -319,7 +319,7 @@ class Text2ImagePipeline:
                 raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
         return height, width
 
-    def _check_memory(self, batch_size: int, height: int, width: int) -> None:
+    def check_memory(self, batch_size: int, height: int, width: int) -> None:
         """Refuse a size whose decoding cannot fit in the device's memory at all, rather than be killed by the OS.
 
         The estimate is a floor: three tensors of the VAE decoder's largest level (channels × pixels) per image."""
