@@ -209,6 +209,19 @@ def test_prompt_file_suffixes_are_read_in_any_case(tmp_path):
     assert all(problems == [] for _, problems in read.values())
 
 
+def test_a_prompt_file_with_nothing_to_make_is_refused_and_leaves_the_job_folder_as_it_is(model, tmp_path, capsys):
+    out = tmp_path / "out"
+    run(model, write(tmp_path / "p.txt", PROMPTS[:2]), out)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    write(tmp_path / "bad.jsonl", [{"prompt": ""}])
+    for name, message in (("empty.txt", "has no prompts (every line is blank)"), ("bad.jsonl", "has no valid items")):
+        assert main(["batch", "--model", str(model), "--prompts", str(tmp_path / name), "--out", str(out),
+                     "--steps", "2", "--device", "cpu", "--skip-invalid"]) == 2
+        assert message in capsys.readouterr().err
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:3])
     for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0"), ("--negative", "blur\udcff")):

@@ -89,6 +89,9 @@ def run_batch_job(job: BatchJob) -> JobSummary:
                            f"(--skip-invalid runs the valid ones):\n{listing}")
         if processes.rank == 0:
             print(f"skipping {len(problems)} invalid line(s):\n{listing}", file=sys.stderr)
+    if not items:
+        raise T2IError(f"prompt file '{job.prompts}' has no " + ("valid items" if problems else "prompts (every line is "
+                       "blank)") + "; nothing was generated and its output folder was left as it is")
     check_job_size(items, job.prompts)
 
     model = {"name": job.model.resolve().name, "hash": model_hash(job.model)}
