@@ -155,6 +155,7 @@ BAD_LINES = [
     ({"prompt": "a red \ud800 circle"}, "prompt is not valid Unicode: lone surrogate '\\ud800' at character 7"),
     ({"prompt": "a red circle", "negative_prompt": "\udfff"}, "negative_prompt is not valid Unicode"),
     ({"prompt": "a blue square", "id": "first"}, "duplicate id 'first' (first on line 1)"),
+    ({"prompt": "a blue square", "id": "First"}, "id 'First' differs from id 'first' (line 1) only in case"),
 ]
 
 

@@ -114,7 +114,7 @@ def read_items(path: Path, defaults: JobDefaults, latent_factor: int) -> tuple[l
     """Every valid item of the file, and every problem with its line number (the file's own numbering)."""
     rows, problems = read_rows(path)
     items: list[Item] = []
-    first_line_of_id: dict[str, int] = {}
+    first_of_id: dict[str, Item] = {}  # by the id in lower case: 'Red' and 'red' name one file on macOS and Windows
     repeats: dict[str, int] = {}
     for line, fields in rows:
         try:
@@ -122,13 +122,20 @@ def read_items(path: Path, defaults: JobDefaults, latent_factor: int) -> tuple[l
         except ValueError as error:
             problems.append(Problem(line, str(error)))
             continue
-        if item.id in first_line_of_id:
-            problems.append(Problem(line, f"duplicate id {item.id!r} (first on line {first_line_of_id[item.id]})"))
+        first = first_of_id.setdefault(item.id.lower(), item)
+        if first is not item:
+            problems.append(Problem(line, _duplicate_id(item.id, first)))
             continue
-        first_line_of_id[item.id] = line
         items.append(item)
     problems.sort(key=lambda problem: problem.line)
     return items, problems
+
+
+def _duplicate_id(item_id: str, first: Item) -> str:
+    if item_id == first.id:
+        return f"duplicate id {item_id!r} (first on line {first.line})"
+    return (f"id {item_id!r} differs from id {first.id!r} (line {first.line}) only in case; their images would be one "
+            "file on macOS and Windows")
 
 
 def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
