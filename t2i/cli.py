@@ -458,6 +458,10 @@ _CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",
              "finetune": "rerun the same `t2i finetune` command with --resume to continue"}
 
 
+# What to do after Ctrl-C or SIGTERM stopped a command that can be continued without a --resume flag.
+_AFTER_STOP = {"batch": "; rerun the same command to continue (the images made so far are kept)"}
+
+
 def _stop_now(signum: int, frame) -> None:
     from t2i.training.interrupt import StopNow
 
@@ -489,10 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         _report(f"t2i {args.command}: error: {error}")
         return 2
     except StopNow as stopped:
-        _report(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}")
+        _report(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}{_AFTER_STOP.get(args.command, '')}")
         return 128 + stopped.signum
     except KeyboardInterrupt:
-        _report(f"t2i {args.command}: interrupted")
+        _report(f"t2i {args.command}: interrupted{_AFTER_STOP.get(args.command, '')}")
         return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)

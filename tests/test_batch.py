@@ -24,6 +24,7 @@ from t2i.jobs.items import JobDefaults, read_items
 from t2i.jobs.parameters import format_parameters, parse_parameters
 from t2i.jobs.processes import owner_rank
 from t2i.jobs.run import BatchJob, run_batch_job
+from t2i.training.interrupt import StopNow
 
 from conftest import REPO
 
@@ -504,6 +505,23 @@ def test_a_job_killed_with_sigkill_resumes_without_losing_or_duplicating(model, 
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (tmp_path / "whole" /
                                                                                          "images").iterdir())
     assert len({(r["id"], r["k"]) for r in manifest_of(out)}) == 16
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, lambda: StopNow(signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_says_how_to_continue_and_frees_the_folder(model, tmp_path, capsys, monkeypatch, stop):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+
+    def interrupted(*args, **kwargs):
+        raise stop()
+
+    monkeypatch.setattr("t2i.jobs.run._generate", interrupted)
+    code = main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code in (128 + signal.SIGINT, 128 + signal.SIGTERM) and "Traceback" not in err
+    assert err.rstrip().endswith("; rerun the same command to continue (the images made so far are kept)")
+    assert not (out / "t2i.lock").exists()
 
 
 def test_two_processes_share_the_items_without_overlap(model, tmp_path):
