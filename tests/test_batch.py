@@ -376,6 +376,15 @@ def test_parameters_text_round_trips_awkward_values():
 
 # ----------------------------------------------------------------- identity and resume
 
+def test_a_truncated_prompt_warning_gets_a_line_of_its_own_not_the_progress_bars(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", ["a red circle" + " and a blue square" * 100])
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "out"), "--steps",
+                 "2", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(line.startswith("t2i: warning: prompt truncated to the text encoder's") for line in lines)
+    assert not any("img/s]t2i: warning" in line for line in lines)
+
+
 def test_same_images_whatever_the_order_and_the_batch_size(model, tmp_path):
     items = [{"prompt": p, "num_images": 2} for p in PROMPTS] + [{"prompt": "a red circle", "steps": 3}]
     run(model, write(tmp_path / "a.jsonl", items), tmp_path / "a", batch_size=3)

@@ -8,6 +8,7 @@ missing images, equal to those an uninterrupted run would have made; the manifes
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import OrderedDict
@@ -275,12 +276,15 @@ def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter
     steps for its sampler) is skipped with a line, and its tasks are returned with the reason, so that one bad item
     does not stop a long job."""
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from t2i.pipeline.pipeline import NonFiniteSample
 
     encoder = PromptEncoder(pipe)
     failed = []
-    with tqdm(total=len(tasks), unit="img", desc="t2i batch", disable=not progress or not tasks) as bar:
+    # t2i's warnings (a truncated prompt) go above the bar, on lines of their own, not into it.
+    with (logging_redirect_tqdm(loggers=[logging.getLogger("t2i")]),
+          tqdm(total=len(tasks), unit="img", desc="t2i batch", disable=not progress or not tasks) as bar):
         for batch in plan_batches(tasks, batch_size):
             padded = batch + [batch[-1]] * (batch_size - len(batch))  # a full batch: same math for every image
             first = batch[0]
