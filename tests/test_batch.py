@@ -259,7 +259,11 @@ def test_a_size_too_large_to_decode_is_an_invalid_line_or_a_named_option_not_an_
     assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
                  "--height", str(huge), "--width", str(huge)]) == 2
     err = capsys.readouterr().err
-    assert err.count("error: --height/--width: ") == 1 and "line" not in err
+    assert err.count(f"error: --height/--width/--batch-size: {huge}x{huge} at batch 4 needs") == 1 and "line" not in err
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "o"),
+                 "--batch-size", "100000000"]) == 2
+    assert "error: --height/--width/--batch-size: 32x32 at batch 100000000 needs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_byte_order_marks_of_spreadsheet_exports_are_dropped(model, tmp_path):

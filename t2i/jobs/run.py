@@ -136,11 +136,12 @@ def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, i
 
 
 def _check_default_size_fits(pipe, batch_size: int, defaults: JobDefaults) -> None:
-    """A --height/--width too large to decode on this device is named once, not blamed on every line."""
+    """A --height/--width (or --batch-size) too large to decode on this device is one error naming the options,
+    not a problem blamed on every line that leaves its size out."""
     try:
         pipe.check_memory(batch_size, defaults.height, defaults.width)
     except T2IError as error:
-        raise T2IError(f"--height/--width: {error}") from None
+        raise T2IError(f"--height/--width/--batch-size: {error}") from None
 
 
 def _items_that_fit(pipe, batch_size: int, items: list[Item]) -> tuple[list[Item], list[Problem]]:
