@@ -615,6 +615,23 @@ def test_a_second_job_or_merge_into_a_busy_output_folder_is_refused_naming_the_f
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # nothing made or merged
 
 
+def test_an_output_folder_that_cannot_be_written_is_one_clear_error(model, tmp_path, capsys, monkeypatch):
+    real_write_text = Path.write_text
+
+    def read_only_folder(path, *args, **kwargs):
+        if path.parent.name == "out":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only_folder)
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "out"),
+                 "--steps", "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write the lock '{tmp_path / 'out' / 't2i.lock'}' in output folder" in err
+    assert "Permission denied; give a folder this user can write to" in err and "Traceback" not in err
+
+
 def test_the_lock_of_a_killed_job_is_taken_over(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "out"

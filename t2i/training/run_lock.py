@@ -118,14 +118,22 @@ def _take_over(lock: Path, stale: LockHolder | None) -> bool:
 def acquire(run_dir: Path, what: str = "run folder") -> Path:
     """Take the lock of `run_dir` (creating the folder) or raise RunFolderBusy naming the holder; `what` names the
     folder's kind in the messages ("run folder", "output folder")."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise T2IError(f"cannot create {what} '{run_dir}': {error.strerror or error}") from None
     lock = (run_dir / LOCK_NAME).resolve()
     if lock in _held:
         _held[lock] += 1
         return lock
     me = _me()
     for _ in range(5):
-        if _try_create(lock, me):
+        try:
+            created = _try_create(lock, me)
+        except OSError as error:  # a read-only folder or file system, a full disk
+            raise T2IError(f"cannot write the lock '{lock}' in {what} '{run_dir}': {error.strerror or error}; give a "
+                           "folder this user can write to") from None
+        if created:
             _held[lock] = 1
             return lock
         holder = read_holder(lock)
