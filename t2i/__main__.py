@@ -1,5 +1,7 @@
 """`python -m t2i ...`: the `t2i` command, where the package is importable but not installed."""
+import sys
+
 from t2i.cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

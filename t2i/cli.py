@@ -7,6 +7,7 @@ without loading torch or diffusers; each command imports what it uses.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -462,6 +463,12 @@ _CONTINUE = {"demo": "rerun the same `t2i demo` command to continue",
 _AFTER_STOP = {"batch": "; rerun the same command to continue (the images made so far are kept)"}
 
 
+def _exit_at_the_next_ctrl_c() -> None:
+    """After a stop, the interpreter still spends a second or so in libraries' exit handlers (torch's), where a
+    second Ctrl-C printed their traceback. From the start of those handlers, Ctrl-C ends the process at once."""
+    atexit.register(signal.signal, signal.SIGINT, signal.SIG_DFL)  # runs before the handlers registered earlier
+
+
 def _stop_now(signum: int, frame) -> None:
     from t2i.training.interrupt import StopNow
 
@@ -494,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StopNow as stopped:
         _report(f"t2i {args.command}: stopped by {signal_name(stopped.signum)}{_AFTER_STOP.get(args.command, '')}")
+        _exit_at_the_next_ctrl_c()
         return 128 + stopped.signum
     except KeyboardInterrupt:
         _report(f"t2i {args.command}: interrupted{_AFTER_STOP.get(args.command, '')}")
+        _exit_at_the_next_ctrl_c()
         return 128 + signal.SIGINT
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -2,6 +2,7 @@
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -227,3 +228,28 @@ def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     printed_total = re.search(r"wall time, s +([0-9.]+)", printed).group(1)
     reported_total = float(re.search(r"<td>total</td><td>([0-9.]+) s</td>", report).group(1))
     assert abs(float(printed_total) - reported_total) <= 0.05 + 1e-9  # one total, printed to 0.01 s, shown to 0.1 s
+
+
+def _run_python(script: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_python_dash_m_t2i_exits_with_the_commands_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "t2i", "batch", "--merge", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ,
+                                                                                      "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_a_second_ctrl_c_while_exiting_ends_the_process_without_a_traceback():
+    result = _run_python(
+        "import atexit, os, signal, sys\n"
+        "import t2i.cli as cli\n"
+        "atexit.register(os.kill, os.getpid(), signal.SIGINT)  # the second Ctrl-C, in the exit handlers\n"
+        "def interrupted(args):\n"
+        "    raise KeyboardInterrupt\n"
+        "cli._batch = interrupted\n"
+        "sys.exit(cli.main(['batch', '--merge', 'x']))\n")
+    assert "t2i batch: interrupted" in result.stderr
+    assert "Traceback" not in result.stderr and result.returncode == -signal.SIGINT
