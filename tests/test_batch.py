@@ -224,6 +224,14 @@ def test_a_prompt_file_with_nothing_to_make_is_refused_and_leaves_the_job_folder
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
 
 
+def test_a_utf16_prompt_file_is_named_as_such(tmp_path):
+    for encoding in ("utf-16", "utf-16-be"):
+        (tmp_path / "p.txt").write_bytes(("\ufeff" if encoding.endswith("be") else "").encode(encoding) +
+                                         "a red circle\r\n".encode(encoding))
+        with pytest.raises(T2IError, match="is UTF-16 text; save it as UTF-8"):
+            read_items(tmp_path / "p.txt", DEFAULTS, 8)
+
+
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:3])
     for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0"), ("--negative", "blur\udcff")):

@@ -6,6 +6,7 @@ job seed, the item id and k. Prompts are data: they never become file names; ids
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -148,8 +149,12 @@ def read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[Problem]]:
     suffix = path.suffix.lower()  # PROMPTS.TXT too: Windows tools and old archives write upper-case names
     if suffix not in readers:
         raise T2IError(f"prompt file '{path}' must end in .txt, .jsonl or .csv (in any case)")
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Windows PowerShell 5's `>` and "Unicode" saves
+        raise T2IError(f"prompt file '{path}' is UTF-16 text; save it as UTF-8 (e.g. Notepad: Save as, Encoding "
+                       "UTF-8)")
     try:
-        return readers[suffix](path.read_text(encoding="utf-8-sig"))  # -sig: drop a byte-order mark (Excel)
+        return readers[suffix](data.decode("utf-8-sig"))  # -sig: drop a byte-order mark (Excel)
     except UnicodeDecodeError as error:
         raise T2IError(f"prompt file '{path}' is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
