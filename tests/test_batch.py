@@ -232,6 +232,22 @@ def test_a_utf16_prompt_file_is_named_as_such(tmp_path):
             read_items(tmp_path / "p.txt", DEFAULTS, 8)
 
 
+def test_prompts_with_unicode_line_separators_keep_their_manifest_records(model, tmp_path):
+    prompts = ["red\u2028circle", "blue\x85square", "green\x1csquare", "plain"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    run(model, tmp_path / "p.txt", out)
+    assert sorted(record["prompt"] for record in manifest_of_lines(out)) == sorted(prompts)
+    assert run(model, tmp_path / "p.txt", out).generated == 0
+    assert sorted(record["prompt"] for record in manifest_of_lines(out)) == sorted(prompts)
+    assert "<p>4 images." in (out / "index.html").read_text()
+
+
+def manifest_of_lines(out: Path) -> list[dict]:
+    """The manifest read as JSON Lines are: one record per "\n"-ended line."""
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").split("\n") if line]
+
+
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):
     prompts = write(tmp_path / "p.txt", PROMPTS[:3])
     for option, value in (("--steps", "0"), ("--num-images", "0"), ("--height", "0"), ("--negative", "blur\udcff")):

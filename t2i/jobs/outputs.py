@@ -97,7 +97,11 @@ def read_records(path: Path) -> tuple[list[dict], bool]:
     if not path.is_file():
         return [], False
     records, damaged = [], False
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    # Lines end in "\n" alone: str.splitlines() would also cut at U+2028, NEL or \x1c inside a prompt (written raw,
+    # ensure_ascii=False), dropping that image's record from every merge.
+    for line in path.read_text(encoding="utf-8", errors="replace").split("\n"):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
