@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from t2i.cli import main
 from t2i.errors import T2IError
-from t2i.jobs.items import JobDefaults, read_items
+from t2i.jobs.items import FIELDS, JobDefaults, read_items
 from t2i.jobs.parameters import format_parameters, parse_parameters
 from t2i.jobs.processes import owner_rank
 from t2i.jobs.run import BatchJob, run_batch_job
@@ -246,6 +246,15 @@ def test_prompts_with_unicode_line_separators_keep_their_manifest_records(model,
 def manifest_of_lines(out: Path) -> list[dict]:
     """The manifest read as JSON Lines are: one record per "\n"-ended line."""
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").split("\n") if line]
+
+
+def test_csv_headings_are_read_in_any_case_and_a_semicolon_separated_file_is_named(tmp_path):
+    items, problems = read_items(write(tmp_path / "a.csv", ["Prompt, SEED", "a red circle,7"]), DEFAULTS, 8)
+    assert problems == [] and [(item.prompt, item.seed) for item in items] == [("a red circle", 7)]
+    _, problems = read_items(write(tmp_path / "b.csv", ["prompt;seed", "a red circle;7"]), DEFAULTS, 8)
+    assert [str(problem) for problem in problems] == [
+        f"line 1: unknown column 'prompt;seed'; known: {', '.join(FIELDS)}; the file looks semicolon-separated: save "
+        "it comma-separated"]
 
 
 def test_a_bad_option_is_named_once_not_blamed_on_every_line(model, tmp_path, capsys):

@@ -192,10 +192,11 @@ def _read_csv(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
     header = next(reader, None)
     if header is None:
         return [], []
-    header = [name.strip() for name in header]
+    header = [name.strip().lower() for name in header]  # "Prompt", "Seed": spreadsheets capitalise headings
     unknown = [name for name in header if name not in FIELDS]
     if unknown:
-        return [], [Problem(1, f"unknown column {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}")]
+        hint = "; the file looks semicolon-separated: save it comma-separated" if ";" in unknown[0] else ""
+        return [], [Problem(1, f"unknown column {', '.join(map(repr, unknown))}; known: {', '.join(FIELDS)}{hint}")]
     rows, problems = [], []
     for cells in reader:
         number = reader.line_num
