@@ -200,6 +200,16 @@ def test_a_missing_or_unknown_prompt_file_is_one_clear_error(model, tmp_path, ca
     assert "must end in .txt, .jsonl or .csv" in err and "Traceback" not in err
 
 
+def test_a_file_named_images_in_the_output_folder_is_one_clear_error(model, tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "images").write_text("notes")  # was a FileExistsError traceback from mkdir
+    assert main(["batch", "--model", str(model), "--prompts", str(write(tmp_path / "p.txt", ["a red circle"])),
+                 "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{tmp_path / 'o' / 'images'}' is a file; t2i batch writes its images into a folder" in err
+    assert "Traceback" not in err and (tmp_path / "o" / "images").read_text() == "notes"
+
+
 def test_prompt_file_suffixes_are_read_in_any_case(tmp_path):
     write(tmp_path / "PROMPTS.TXT", ["a red circle", "a blue square"])
     write(tmp_path / "p.JSONL", [{"prompt": "a red circle", "id": "red"}])

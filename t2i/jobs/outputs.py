@@ -167,6 +167,15 @@ def unlisted_images(out: Path, records: list[dict]) -> list[str]:
                   if not path.name.startswith(".") and f"{IMAGES}/{path.name}" not in listed)
 
 
+def make_images_folder(out: Path) -> None:
+    """OUT/images/, or one line when a file holds its name (mkdir's FileExistsError was a traceback)."""
+    folder = out / IMAGES
+    if folder.exists() and not folder.is_dir():
+        raise T2IError(f"'{folder}' is a file; t2i batch writes its images into a folder of that name: move the file "
+                       "away or give another --out")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
 def check_job_file(out: Path, job: dict, force: bool) -> None:
     """Refuse to add to a folder made with another model, other defaults or another number format, unless forced.
 

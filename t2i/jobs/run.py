@@ -104,7 +104,7 @@ def run_batch_job(job: BatchJob) -> JobSummary:
                   "dtype": dtype_name(pipe.dtype), "compile": job.compile}
     with output_folder_held(job.out, processes.world_size > 1):
         outputs.check_job_file(job.out, job_record, job.force)
-        (job.out / outputs.IMAGES).mkdir(parents=True, exist_ok=True)
+        outputs.make_images_folder(job.out)
         if processes.rank == 0:
             outputs.write_job_file(job.out, job_record)
 
