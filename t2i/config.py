@@ -68,7 +68,8 @@ class DataConfig:
     max_caption_length: int = 1000
     # Stop before training when more than this fraction of the entries is bad.
     max_bad_fraction: float = 0.05
-    # Entries held out for validation, chosen by a hash of their name (stable as files are added).
+    # Entries held out for validation, chosen by a hash of their name (stable as files are added); round(fraction *
+    # entries) of them, so a set too small for that to reach one holds none out.
     validation_fraction: float = 0.0
     # webdataset: samples mixed in memory at once when shuffling the stream.
     shuffle_buffer: int = 1000

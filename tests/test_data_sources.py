@@ -218,6 +218,16 @@ def test_validation_split_is_stable_and_disjoint(tmp_path):
     assert validation[0]["pixel_values"].shape == (3, 32, 32)
 
 
+def test_a_set_too_small_for_its_validation_fraction_holds_nothing_out_and_says_so(tmp_path):
+    folder = clean_folder(tmp_path, count=5)  # 5% of 5 images: one held out was 20% of the user's data
+    train, validation, report = build_datasets(data_config(folder.root, validation_fraction=0.05))
+    assert validation is None and len(train.samples) == 5
+    assert ("data: data.validation_fraction 0.05 of 5 samples holds none out, so all train and no validation loss is "
+            "scored; raise it to hold some out") in report.notes
+    train, validation, _ = build_datasets(data_config(folder.root, validation_fraction=0.2))
+    assert len(validation.samples) == 1 and len(train.samples) == 4
+
+
 def test_config_keys(tmp_path):
     demo = load_config(REPO / "configs" / "demo.yaml")
     assert demo.data.dataset == "shapes" and demo.data.path is None and not demo.data.buckets.enabled

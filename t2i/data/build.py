@@ -105,6 +105,9 @@ def _scanned(entries: list[Entry], config: DataConfig, quarantine_path: Path | N
     if validation_samples:
         report.notes.append(f"data: {len(validation_samples)} of them held out for validation "
                             f"(data.validation_fraction {config.validation_fraction:g}), {len(train_samples)} to train on")
+    elif config.validation_fraction > 0 and samples:
+        report.notes.append(f"data: data.validation_fraction {config.validation_fraction:g} of {len(samples)} samples "
+                            "holds none out, so all train and no validation loss is scored; raise it to hold some out")
     shapes = None
     if config.buckets.enabled:
         buckets = bucket_shapes(config.resolution, config.buckets.step, config.buckets.max_aspect_ratio)

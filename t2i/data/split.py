@@ -16,12 +16,13 @@ def holdout_score(name: str) -> float:
 
 def split_validation(samples: list[Sample], fraction: float) -> tuple[list[Sample], list[Sample]]:
     """(train, validation): the samples of the names of lowest `holdout_score`, taken until they number
-    round(fraction * n) (at least one, when fraction > 0), each list in its original order. The samples of one name
-    (an image with several captions) all go to one side, and the name of highest score always trains."""
+    round(fraction * n), each list in its original order. A set too small for that to reach one holds nothing out
+    (one of 5 images would be 20% of a user's data, not 5%). The samples of one name (an image with several
+    captions) all go to one side, and the name of highest score always trains."""
     names = sorted({sample.name for sample in samples}, key=holdout_score)
-    if fraction == 0.0 or len(names) < 2:
+    count = round(fraction * len(samples))
+    if count == 0 or len(names) < 2:
         return samples, []
-    count = max(1, round(fraction * len(samples)))
     per_name = Counter(sample.name for sample in samples)
     held: set[str] = set()
     for name in names[:-1]:
