@@ -497,3 +497,11 @@ def test_a_resolution_or_bucket_step_the_vae_trained_here_cannot_map_is_refused(
     with pytest.raises(T2IError, match="data.resolution 40 must be a multiple of the VAE's latent factor 16"):
         load_config(TINY_CONFIG, ["data.dataset=imagefolder", "data.path=x", "data.resolution=40",
                                   "vae.block_out_channels=[8,16,16,16,16]"])
+
+
+def test_a_missing_source_model_is_named_before_the_data_is_scanned(tmp_path, capsys):
+    data = clean_folder(tmp_path / "data", count=2).root
+    assert main(finetune_args(tmp_path / "missing", data, tmp_path / "run")) == 2
+    printed = capsys.readouterr()
+    assert f"finetune.model '{tmp_path / 'missing'}' is not a folder" in printed.err
+    assert "data:" not in printed.out and not (tmp_path / "run" / "config.yaml").exists()

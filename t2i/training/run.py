@@ -160,6 +160,8 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
     # Under `accelerate launch` every process runs this; the main one alone writes shared files.
     processes = PartialState(cpu=device.type == "cpu")
     resolved = to_dict(config)
+    if "finetune" in config.stages and not is_trained(run_dir, "finetune"):
+        _check_finetune_source(config)
     note = check_run_folder(run_dir, resolved, resume)
     assembles = check_stage_inputs(config, run_dir)
     if note is not None and processes.is_main_process:
@@ -197,6 +199,14 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
         (assemble_finetuned if "finetune" in config.stages else assemble_pipeline)(config, run_dir)
     processes.wait_for_everyone()
     return run_dir / "pipeline"
+
+
+def _check_finetune_source(config: RunConfig) -> None:
+    """A missing source model is named before anything is written, and before the data is scanned and its latents
+    cached (minutes, on a large set)."""
+    if not resolve_model(config.finetune.model).is_dir():
+        raise T2IError(f"finetune.model '{config.finetune.model}' is not a folder: give a t2i pipeline or diffusers "
+                       "Stable Diffusion folder")
 
 
 def data_record(dataset: Dataset, validation: Dataset | None) -> dict | None:
