@@ -735,7 +735,9 @@ def test_gallery_loads_every_image_in_headless_chromium(model, tmp_path):
         return dom.split('data-broken-images="', 1)[1].split('"', 1)[0]
 
     assert broken_images() == "0"
-    assert "&lt;b&gt;a tag&lt;/b&gt; &amp; an ampersand" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    assert "&lt;b&gt;a tag&lt;/b&gt; &amp; an ampersand" in page
+    assert page.count('loading="lazy"') == page.count("<img") == len(list((out / "images").glob("*.png")))
     next((out / "images").glob("*.png")).unlink()
     assert broken_images() == "1"  # the check itself can fail
 

@@ -1,7 +1,8 @@
 """index.html: a contact sheet of a job's images that works offline (relative links, nothing fetched).
 
-A small inline script counts the images that failed to load and says so at the top of the page; it also sets
-`data-broken-images` on <body>, which the browser test reads.
+Images load lazily, as they scroll into view: a job of 100,000 images would otherwise fetch every full-size PNG
+at once. A small inline script counts the images that failed to load (those in view, then each as it is scrolled
+to) and says so at the top of the page; it also sets `data-broken-images` on <body>, which the browser test reads.
 """
 from __future__ import annotations
 
@@ -30,23 +31,28 @@ figcaption {{ font-size: 12px; overflow-wrap: anywhere; }}
 </style>
 </head>
 <body data-broken-images="unknown">
+<script>
+let brokenImages = 0;
+function countBroken() {{
+  document.body.dataset.brokenImages = String(brokenImages);
+  const note = document.getElementById("broken");
+  if (note && brokenImages) note.textContent = brokenImages + " failed to load.";
+}}
+document.addEventListener("error", event => {{
+  if (event.target.tagName === "IMG") {{ brokenImages += 1; countBroken(); }}
+}}, true);
+window.addEventListener("load", countBroken);
+</script>
 <h1>{title}</h1>
 <p>{count} images. <span id="broken"></span></p>
 <div class="sheet">
 {figures}
 </div>
-<script>
-window.addEventListener("load", () => {{
-  const broken = [...document.images].filter(image => !image.complete || image.naturalWidth === 0);
-  document.body.dataset.brokenImages = String(broken.length);
-  if (broken.length) document.getElementById("broken").textContent = broken.length + " failed to load.";
-}});
-</script>
 </body>
 </html>
 """
 
-FIGURE = """<figure><a href="{file}"><img src="{file}" alt="{prompt}" loading="eager"></a>
+FIGURE = """<figure><a href="{file}"><img src="{file}" alt="{prompt}" loading="lazy"></a>
 <figcaption>{prompt}<br><span class="seed">{id} #{k} &middot; seed {seed} &middot; {steps} steps {sampler} \
 &middot; cfg {guidance}</span></figcaption></figure>"""
 
