@@ -529,6 +529,27 @@ def test_an_item_whose_sampling_goes_non_finite_is_skipped_and_reported_and_the_
     assert "<p>2 images." in (out / "index.html").read_text()
 
 
+def test_a_model_whose_unet_gives_non_finite_predictions_stops_the_job_at_its_first_batch(model, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """Every batch would fail alike: skipping them one by one ran the whole job for nothing."""
+    from safetensors.torch import load_file, save_file
+
+    from t2i import Text2ImagePipeline
+
+    diverged = tmp_path / "diverged"
+    shutil.copytree(model, diverged)
+    weights = diverged / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({name: torch.full_like(tensor, float("nan")) for name, tensor in load_file(weights).items()}, weights)
+    calls = []
+    denoise = Text2ImagePipeline.denoise
+    monkeypatch.setattr(Text2ImagePipeline, "denoise", lambda self, *args, **kw: calls.append(1) or
+                        denoise(self, *args, **kw))
+    assert main(["batch", "--model", str(diverged), "--prompts", str(write(tmp_path / "p.txt", PROMPTS[:3])),
+                 "--out", str(tmp_path / "out"), "--steps", "2", "--batch-size", "1", "--device", "cpu"]) == 2
+    assert "the U-Net's predictions are not finite" in capsys.readouterr().err
+    assert len(calls) == 1
+
+
 def _saved_command(model, prompts, out, *options) -> list[str]:
     return [sys.executable, "-m", "t2i.cli", "batch", "--model", str(model), "--prompts", str(prompts),
             "--out", str(out), "--steps", "2", "--device", "cpu", *options]

@@ -275,11 +275,12 @@ def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter
               progress: bool) -> list[tuple[ImageTask, str]]:
     """Make and hand over every task's image; a batch whose sampling goes non-finite (an extreme guidance, too few
     steps for its sampler) is skipped with a line, and its tasks are returned with the reason, so that one bad item
-    does not stop a long job."""
+    does not stop a long job. A model whose networks give non-finite values (`DivergedModel`) stops the job: every
+    batch would fail alike."""
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from t2i.pipeline.pipeline import NonFiniteSample
+    from t2i.pipeline.pipeline import DivergedModel, NonFiniteSample
 
     encoder = PromptEncoder(pipe)
     failed = []
@@ -294,6 +295,8 @@ def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter
             try:
                 latents = pipe.denoise(context, negative, [task.seed for task in padded], first.steps,
                                        first.guidance, first.height, first.width, first.sampler)
+            except DivergedModel:
+                raise
             except NonFiniteSample as error:
                 bar.write(f"t2i batch: skipping {len(batch)} image(s) from {first.file}: {error}", file=sys.stderr)
                 failed += [(task, str(error)) for task in batch]

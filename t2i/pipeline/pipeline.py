@@ -71,6 +71,10 @@ class NonFiniteSample(T2IError):
     """Sampling produced NaN or infinite values; the message says whether the model or the sampler did."""
 
 
+class DivergedModel(NonFiniteSample):
+    """The networks themselves gave non-finite values: every image would fail alike, whatever its settings."""
+
+
 class Text2ImagePipeline:
     """A VAE, a text encoder and a conditional U-Net, with the noise schedule they were trained on; optionally
     a super-resolution stage (`sr`) that upsamples their images, conditioned on the same text encoder, and a
@@ -171,7 +175,7 @@ class Text2ImagePipeline:
         report_truncation(prompts, tokens, self.text_encoder.context_length)
         states = self.text_encoder(tokens.ids.to(self.device))
         if not torch.isfinite(states).all():
-            raise NonFiniteSample("the text encoder's token states are not finite: its weights are damaged or have "
+            raise DivergedModel("the text encoder's token states are not finite: its weights are damaged or have "
                                   "diverged")
         return states.to(self.dtype)
 
@@ -376,7 +380,7 @@ class Text2ImagePipeline:
                 prediction = torch.cat([prediction, last_step_variance(scheduler, t, variance, use_guidance)], dim=1)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
         if unet_failed:
-            raise NonFiniteSample(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
+            raise DivergedModel(f"the U-Net's predictions are not finite (in {str(self.dtype).split('.')[-1]}): "
                                   "its weights have diverged or overflow in this dtype")
         if not torch.isfinite(latents).all():
             raise NonFiniteSample(f"sampler {sampler!r} produced non-finite latents at {steps} steps; use more steps "
