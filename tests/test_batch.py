@@ -177,8 +177,11 @@ def test_csv_with_an_unknown_column_or_a_short_row_is_refused(model, tmp_path):
                                                       "negative_prompt, seed, steps, guidance, sampler, height, "
                                                       "width, num_images"]
     _, problems = read_items(write(tmp_path / "b.csv", ["prompt,steps", "a red circle,2,9", "", "x,two"]), DEFAULTS, 8)
-    assert [str(problem) for problem in problems] == ["line 2: 3 cells for 2 columns",
+    assert [str(problem) for problem in problems] == ["line 2: 3 cells for 2 columns; put a cell that holds a comma "
+                                                      "in double quotes",
                                                       "line 4: steps must be an integer, got 'two'"]
+    _, problems = read_items(write(tmp_path / "c.csv", ["prompt,steps", "a red circle"]), DEFAULTS, 8)
+    assert [str(problem) for problem in problems] == ["line 2: 1 cell for 2 columns"]
 
 
 def test_skip_invalid_reports_the_bad_lines_and_runs_the_rest(model, tmp_path, capsys):

@@ -203,7 +203,9 @@ def _read_csv(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
         if not any(cell.strip() for cell in cells):
             continue
         if len(cells) != len(header):
-            problems.append(Problem(number, f"{len(cells)} cells for {len(header)} columns"))
+            hint = "; put a cell that holds a comma in double quotes" if len(cells) > len(header) else ""
+            cell_count = f"{len(cells)} cell{'' if len(cells) == 1 else 's'}"
+            problems.append(Problem(number, f"{cell_count} for {len(header)} columns{hint}"))
             continue
         fields = {}
         for name, cell in zip(header, cells):
