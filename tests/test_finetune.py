@@ -30,6 +30,16 @@ def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--batch-size", "4", "--device", "cpu", "--set", "train.finetune.sample_every=2", *extra]
 
 
+def assert_trained_alike(trained_run: Path, first: Path, second: Path) -> None:
+    """The two fine-tuned U-Nets (run folders) differ by under 1% of how far training moved the first from its
+    source: the same training within rounding."""
+    one, other = load_file(first / FINETUNED), load_file(second / FINETUNED)
+    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
+    moved = max((one[k] - source[k]).abs().max().item() for k in one)
+    difference = max((one[k] - other[k]).abs().max().item() for k in one)
+    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+
+
 def test_lora_finetune_quarantines_the_bad_files_and_saves_a_loadable_pipeline(trained_run, tmp_path, capsys):
     folder = planted_folder(tmp_path)
     out = tmp_path / "run"
@@ -117,11 +127,7 @@ def test_a_resume_keeps_the_micro_batch_however_many_processes_share_it(trained_
     assert ("at step 2 (on micro-batches of 4 images (2 processes x batch_size 2), where 4 images (1 process x "
             "batch_size 4) trained" in capfd.readouterr().out)
     run_training(config(tmp_path / "whole", "train.finetune.batch_size=4"))
-    whole, resumed = load_file(tmp_path / "whole" / FINETUNED), load_file(tmp_path / "stopped" / FINETUNED)
-    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
-    moved = max((whole[k] - source[k]).abs().max().item() for k in whole)
-    difference = max((whole[k] - resumed[k]).abs().max().item() for k in whole)
-    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+    assert_trained_alike(trained_run, tmp_path / "whole", tmp_path / "stopped")
 
 
 def test_a_resume_on_changed_data_says_it_will_not_end_where_an_uninterrupted_run_would(trained_run, tmp_path,
@@ -229,11 +235,7 @@ def test_two_processes_end_with_the_weights_of_one_with_the_same_global_batch(tr
                                                            "train.finetune.batch_size=2", "local_processes=2"])
     run_training(one)
     run_training(two)
-    single, parallel = load_file(tmp_path / "one" / FINETUNED), load_file(tmp_path / "two" / FINETUNED)
-    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
-    moved = max((single[k] - source[k]).abs().max().item() for k in single)
-    difference = max((single[k] - parallel[k]).abs().max().item() for k in single)
-    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+    assert_trained_alike(trained_run, tmp_path / "one", tmp_path / "two")
 
 
 def test_latents_cached_on_disk_are_reused_and_never_stale(tmp_path, monkeypatch, tiny_pipeline):
@@ -324,11 +326,7 @@ def test_a_bucketed_finetune_caches_its_latents_and_trains_as_without_the_cache(
         run_training(load_config(PACKAGED_CONFIGS / "finetune.yaml", [
             *settings, f"run_dir={tmp_path / cache}", f"cache_latents={cache}"]))
     assert "caching latents (24x40)" in capsys.readouterr().err
-    cached, encoded = (load_file(tmp_path / cache / FINETUNED) for cache in ("true", "false"))
-    source = load_file(trained_run / "unet" / "final" / "diffusion_pytorch_model.safetensors")
-    moved = max((encoded[k] - source[k]).abs().max().item() for k in encoded)
-    difference = max((cached[k] - encoded[k]).abs().max().item() for k in encoded)
-    assert moved > 1e-4 and difference < moved * 1e-2, (moved, difference)
+    assert_trained_alike(trained_run, tmp_path / "false", tmp_path / "true")
 
 
 def test_latents_are_not_cached_under_random_flips_and_the_note_says_why(trained_run, tmp_path, capsys):
