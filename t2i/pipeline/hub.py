@@ -11,10 +11,15 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FETCHED = ["*.json", "*.txt", "*.safetensors", "tokenizer/*", "scheduler/*"]
 
 
+def is_hub_name(name: str | Path) -> bool:
+    """Could `name` be a hub repository (`owner/name`), to fetch when no local folder has that path?"""
+    return _HUB_ID.fullmatch(str(name)) is not None
+
+
 def resolve_model(name: str | Path) -> Path:
     """A local pipeline folder for `name`: the folder itself, or a hub snapshot of `owner/name`."""
     path = Path(name)
-    if path.exists() or not _HUB_ID.fullmatch(str(name)):
+    if path.exists() or not is_hub_name(name):
         return path
     try:
         from huggingface_hub import snapshot_download

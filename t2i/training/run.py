@@ -50,7 +50,7 @@ from t2i.models.text_encoder import OpenClipTextEncoder, TextEncoder, build_text
 from t2i.models.unet import build_unet
 from t2i.models.vae import build_vae
 from t2i.pipeline import Text2ImagePipeline
-from t2i.pipeline.hub import resolve_model
+from t2i.pipeline.hub import is_hub_name, resolve_model
 from t2i.pipeline.pipeline import resolve_device
 from t2i.pipeline.upscaler import Upscaler
 from t2i.training import run_lock
@@ -202,9 +202,10 @@ def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_
 
 
 def _check_finetune_source(config: RunConfig) -> None:
-    """A missing source model is named before anything is written, and before the data is scanned and its latents
-    cached (minutes, on a large set)."""
-    if not resolve_model(config.finetune.model).is_dir():
+    """A missing local source model is named before anything is written, and before the data is scanned and its
+    latents cached (minutes, on a large set). A hub name is fetched once, by the stage (`load_source_pipeline`)."""
+    path = Path(config.finetune.model)
+    if not path.is_dir() and (path.exists() or not is_hub_name(config.finetune.model)):
         raise T2IError(f"finetune.model '{config.finetune.model}' is not a folder: give a t2i pipeline or diffusers "
                        "Stable Diffusion folder")
 
