@@ -148,8 +148,8 @@ def check_output_folder(out: Path) -> None:
 
 def merge_manifests(out: Path, wanted: set[tuple[str, int]] | None = None) -> list[dict]:
     """Fold every shard into manifest.jsonl (records of existing images, sorted by id and k, and only those whose
-    (id, k) is `wanted` if given); drop the shards."""
-    check_output_folder(out)
+    (id, k) is `wanted` if given); drop the shards. `out` is a job's folder: its job made it, or `t2i batch
+    --merge` checked it (`check_output_folder`)."""
     records = [record for key, record in all_records(out).items()
                if (out / record["file"]).is_file() and (wanted is None or key in wanted)]
     records.sort(key=lambda record: (record["id"], record["k"]))
