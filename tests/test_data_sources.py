@@ -38,7 +38,7 @@ def test_quarantine_lists_exactly_the_planted_bad_files(tmp_path, capsys, layout
     assert report.skipped["truncated image"] == 2
     line = capsys.readouterr().out.strip()
     assert line.startswith(f"data: {len(folder.good)} images, {len(folder.bad)} skipped (")
-    assert "2 truncated image" in line and "quarantine.jsonl" in line
+    assert "truncated image: 2" in line and "quarantine.jsonl" in line
 
 
 def test_items_look_like_shapes_items(tmp_path):
@@ -69,7 +69,7 @@ def test_images_the_metadata_leaves_out_are_counted_and_named_but_not_bad(tmp_pa
     assert report.skipped == {"not in metadata": 5}
     assert quarantined(tmp_path / "run") == dict.fromkeys(unlisted, "not in metadata")
     assert capsys.readouterr().out.splitlines() == [
-        f"data: 6 images, 5 skipped (5 not in metadata); see {tmp_path / 'run' / 'quarantine.jsonl'}",
+        f"data: 6 images, 5 skipped (not in metadata: 5); see {tmp_path / 'run' / 'quarantine.jsonl'}",
         "data: 5 images in the folder are not in its metadata file and were left out: unlisted_000.png, "
         "unlisted_001.png, unlisted_002.jpg and 2 more"]
     (folder.root / f"metadata.{metadata}").write_text("file_name,text\n" if metadata == "csv" else "")
@@ -96,7 +96,7 @@ def test_a_repeated_row_is_a_duplicate_and_another_caption_of_a_file_is_a_sample
     header = 1 if metadata == "csv" else 0
     assert quarantine_details(tmp_path / "run") == {
         f"metadata.{metadata}:{5 + header}": f"{first} with the same caption is already on line {1 + header}"}
-    assert report.summary().startswith("data: 6 samples from 4 images, 1 skipped (1 duplicate metadata row)")
+    assert report.summary().startswith("data: 6 samples from 4 images, 1 skipped (duplicate metadata row: 1)")
     assert "data: 1 image has 3 captions; each caption is a sample of its own" in capsys.readouterr().out
     assert {sample.name for sample in validation.samples}.isdisjoint(sample.name for sample in train.samples)
 

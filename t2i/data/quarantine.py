@@ -170,12 +170,12 @@ class ScanReport:
         return self.bad / self.total if self.total else 0.0
 
     def summary(self) -> str:
-        """The one line printed at start: "data: 97 images, 6 skipped (2 truncated image, ...); see ..."."""
+        """The one line printed at start: "data: 97 images, 6 skipped (truncated image: 2, ...); see ..."."""
         if self.shards is not None:
             where = f" to {self.quarantine_path}" if self.quarantine_path is not None else ""
             return f"data: {self.shards} tar shards, streamed; bad members go{where} as they are met"
         skipped = sum(self.skipped.values())
-        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(self.skipped.items()))
         where = f"; see {self.quarantine_path}" if skipped and self.quarantine_path is not None else ""
         kept = (f"{self.kept} images" if self.images in (None, self.kept)
                 else f"{self.kept} samples from {self.images} images")
