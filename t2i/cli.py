@@ -408,7 +408,8 @@ def _batch(args) -> None:
 
     if args.merge is not None:
         records = merge(args.merge)
-        print(f"{len(records)} images in {args.merge / 'manifest.jsonl'}; gallery {args.merge / 'index.html'}")
+        if records is not None:
+            print(f"{len(records)} images in {args.merge / 'manifest.jsonl'}; gallery {args.merge / 'index.html'}")
         return
     missing = [name for name in ("model", "prompts", "out") if getattr(args, name) is None]
     if missing:

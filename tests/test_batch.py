@@ -682,6 +682,59 @@ def test_a_second_job_or_merge_into_a_busy_output_folder_is_refused_naming_the_f
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # nothing made or merged
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launched(command: list[str], ranks: int = 2) -> list[subprocess.Popen]:
+    """`command` as the processes of one torchrun-style launch."""
+    port = str(_free_port())
+    return [subprocess.Popen(command, env=_environment(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+                                                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                                                       MASTER_PORT=port, GLOO_SOCKET_IFNAME="lo"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in range(ranks)]
+
+
+def test_a_launched_job_or_merge_is_refused_on_every_rank_when_the_output_folder_is_busy(model, tmp_path):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    run(model, prompts, out)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock_held_by(out, other.pid)
+        for command in (_saved_command(model, prompts, out), [sys.executable, "-m", "t2i.cli", "batch", "--merge",
+                                                               str(out)]):
+            ranks = _launched(command)
+            outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+            assert [rank.returncode for rank in ranks] == [2, 2], outputs
+            assert all(f"output folder '{out}' is in use by pid {other.pid}" in text for text in outputs), outputs
+        assert json.loads((out / "t2i.lock").read_text())["pid"] == other.pid  # the holder's lock is left alone
+    finally:
+        other.kill()
+
+
+def test_the_main_process_of_a_launched_job_holds_the_output_folder_for_all(model, tmp_path, monkeypatch):
+    from t2i.jobs import run as job_run
+    from t2i.jobs.processes import Processes
+
+    prompts = write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "out"
+    monkeypatch.setattr(job_run, "current_processes", lambda device: Processes(0, 2, torch.device("cpu"), lambda: None))
+    monkeypatch.setattr("accelerate.utils.broadcast_object_list", lambda objects: objects)  # rank 1 agrees
+    held_while_generating = []
+    generate = job_run._generate
+
+    def generate_and_look(*args, **kwargs):
+        held_while_generating.append(json.loads((out / "t2i.lock").read_text())["pid"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(job_run, "_generate", generate_and_look)
+    run(model, prompts, out)
+    assert held_while_generating == [os.getpid()] and not (out / "t2i.lock").exists()
+
+
 def test_an_output_folder_that_cannot_be_written_is_one_clear_error(model, tmp_path, capsys, monkeypatch):
     real_write_text = Path.write_text
 

@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,7 +101,7 @@ def run_batch_job(job: BatchJob) -> JobSummary:
     job_record = {"model": str(job.model.resolve()), "model_hash": model["hash"], "prompts": str(job.prompts),
                   "defaults": asdict(defaults), "batch_size": job.batch_size,
                   "dtype": dtype_name(pipe.dtype), "compile": job.compile}
-    with output_folder_held(job.out, processes.world_size > 1):
+    with output_folder_held(job.out, processes):
         outputs.check_job_file(job.out, job_record, job.force)
         outputs.make_images_folder(job.out)
         if processes.rank == 0:
@@ -163,22 +162,25 @@ def _items_that_fit(pipe, batch_size: int, items: list[Item]) -> tuple[list[Item
     return fitting, problems
 
 
-def output_folder_held(out: Path, launched: bool):
+def output_folder_held(out: Path, processes):
     """One job (or merge) in an output folder at a time: a second is refused, naming the first's pid and command.
     A lock left by a killed process is taken over with a line saying so. The processes of one `accelerate launch`
-    share the folder by design (each owns its items) and take no lock."""
+    share the folder by design (each owns its items): their main process holds the lock for all of them."""
     from t2i.training import run_lock
 
-    return nullcontext() if launched else run_lock.hold(out, "output folder")
+    return run_lock.hold_for_group(out, "output folder", processes.rank == 0, processes.world_size)
 
 
-def merge(out: Path) -> list[dict]:
-    """`t2i batch --merge DIR`: fold leftover shards into manifest.jsonl and rewrite index.html, unless a job runs."""
-    from t2i.training.launch import is_launched
-
+def merge(out: Path) -> list[dict] | None:
+    """`t2i batch --merge DIR`: fold leftover shards into manifest.jsonl and rewrite index.html, unless a job runs.
+    Under `accelerate launch` the main process merges and returns the records; the others wait for it and return
+    None."""
     outputs.check_output_folder(out)
-    with output_folder_held(out, is_launched()):
-        return finish(out)
+    processes = current_processes("auto")
+    with output_folder_held(out, processes):
+        records = finish(out) if processes.rank == 0 else None
+        processes.wait_for_everyone()
+    return records
 
 
 def finish(out: Path, wanted: set[tuple[str, int]] | None = None, prompts: Path | None = None) -> list[dict]:

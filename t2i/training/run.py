@@ -21,14 +21,12 @@ from __future__ import annotations
 import hashlib
 import shutil
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import yaml
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.data import DataLoader, Dataset
 
@@ -130,28 +128,9 @@ def run_training(config: RunConfig, resume: bool = False, resume_weights_only: b
             launch_local(_train_stages, (config, device, resume, resume_weights_only), config.local_processes)
         return run_dir / "pipeline" if assembles else None
     processes = PartialState(cpu=device.type == "cpu")
-    with _run_folder_locked(run_dir, processes), StopRequest().installed() as stop:
+    with (run_lock.hold_for_group(run_dir, "run folder", processes.is_main_process, processes.num_processes),
+          StopRequest().installed() as stop):
         return _train_stages(config, device, resume, resume_weights_only, stop=stop)
-
-
-@contextmanager
-def _run_folder_locked(run_dir: Path, processes: PartialState):
-    """The main process holds the run folder's lock for all; if it cannot, every process stops with its reason."""
-    lock, refusal = None, None
-    if processes.is_main_process:
-        try:
-            lock = run_lock.acquire(run_dir)
-        except run_lock.RunFolderBusy as error:
-            refusal = str(error)
-    if processes.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal is not None:
-        raise run_lock.RunFolderBusy(refusal)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            run_lock.release(lock)
 
 
 def _train_stages(config: RunConfig, device: torch.device, resume: bool, resume_weights_only: bool,

@@ -161,3 +161,29 @@ def hold(run_dir: Path, what: str = "run folder") -> Iterator[Path]:
         yield lock
     finally:
         release(lock)
+
+
+@contextmanager
+def hold_for_group(folder: Path, what: str, is_main: bool, num_processes: int) -> Iterator[None]:
+    """The lock of `folder` for a group of processes (`accelerate launch`, torchrun): the main one holds it for all,
+    and if it cannot, every process stops with its reason, sent to all so that none waits on a main process that
+    has given up. Every process must enter this together."""
+    lock, refusal = None, None
+    if is_main:
+        try:
+            lock = acquire(folder, what)
+        except T2IError as error:  # busy, or the folder cannot be created or written
+            refusal = (isinstance(error, RunFolderBusy), str(error))
+    if num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        busy, message = refusal
+        raise (RunFolderBusy if busy else T2IError)(message)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            release(lock)
+
