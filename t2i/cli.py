@@ -404,7 +404,7 @@ def _take_parameters_from_image(args) -> None:
 
 
 def _batch(args) -> None:
-    from t2i.jobs.run import BatchJob, merge, run_batch_job
+    from t2i.jobs.run import BatchJob, ImagesFailed, merge, run_batch_job
 
     if args.merge is not None:
         records = merge(args.merge)
@@ -414,14 +414,25 @@ def _batch(args) -> None:
     missing = [name for name in ("model", "prompts", "out") if getattr(args, name) is None]
     if missing:
         raise T2IError(f"batch needs {', '.join('--' + name for name in missing)} (or --merge DIR)")
-    summary = run_batch_job(BatchJob(
+    job = BatchJob(
         model=args.model, prompts=args.prompts, out=args.out, batch_size=args.batch_size, steps=args.steps,
         guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative, seed=args.seed,
         height=args.height, width=args.width, num_images=args.num_images, skip_invalid=args.skip_invalid,
-        force=args.force, device=args.device, dtype=args.dtype, compile=args.compile))
+        force=args.force, device=args.device, dtype=args.dtype, compile=args.compile)
+    try:
+        summary = run_batch_job(job)
+    except ImagesFailed as failure:  # the job ran to its end: say what it made, then end with the error
+        _print_batch_summary(failure.summary, args.out)
+        raise
+    _print_batch_summary(summary, args.out)
+
+
+def _print_batch_summary(summary, out: Path) -> None:
+    failed = f", {summary.failed} could not be made" if summary.failed else ""
     print(f"{summary.images} images: {summary.generated} generated ({summary.images_per_second:.2f} images/s), "
-          f"{summary.already_done} already done, {summary.invalid_lines} invalid lines skipped; "
-          f"{args.out / 'manifest.jsonl'}, {args.out / 'index.html'}")
+          f"{summary.already_done} already done{failed}, {summary.invalid_lines} invalid lines skipped; "
+          f"{out / 'manifest.jsonl'}, {out / 'index.html'}", flush=True)
+
 
 def _export(args) -> None:
     from t2i.pipeline.export import export_folder

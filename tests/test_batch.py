@@ -525,7 +525,10 @@ def test_an_item_whose_sampling_goes_non_finite_is_skipped_and_reported_and_the_
     out = tmp_path / "out"
     assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(out), "--steps", "2",
                  "--device", "cpu"]) == 2
-    err = capsys.readouterr().err
+    printed, err = capsys.readouterr()
+    assert printed.startswith("3 images: 2 generated (")  # the summary is printed before the error ends the command
+    assert (f"0 already done, 1 could not be made, 0 invalid lines skipped; {out / 'manifest.jsonl'}, "
+            f"{out / 'index.html'}") in printed
     assert "1 image(s) could not be made: sampler 'dpmpp_2m' produced non-finite latents" in err
     assert f"line 2 of '{prompts}'); the other 2 are done and listed" in err and "Traceback" not in err
     assert sorted(record["prompt"] for record in manifest_of(out)) == [PROMPTS[0], PROMPTS[2]]

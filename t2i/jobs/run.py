@@ -59,10 +59,20 @@ class JobSummary:
     already_done: int
     invalid_lines: int
     seconds: float
+    failed: int = 0  # images whose batch went non-finite: neither generated nor done
 
     @property
     def images_per_second(self) -> float:
         return self.generated / self.seconds if self.seconds else 0.0
+
+
+class ImagesFailed(T2IError):
+    """Some images could not be made; the rest of the job is done, and `summary` counts it, so that the command
+    still reports what was made before it ends with the error."""
+
+    def __init__(self, message: str, summary: JobSummary):
+        super().__init__(message)
+        self.summary = summary
 
 
 def run_batch_job(job: BatchJob) -> JobSummary:
@@ -121,17 +131,20 @@ def run_batch_job(job: BatchJob) -> JobSummary:
         processes.wait_for_everyone()
         if processes.rank == 0:
             finish(job.out, {(item.id, k) for item in items for k in range(item.num_images)}, job.prompts)
+    summary = JobSummary(len(tasks), len(pending) - len(failed), len(tasks) - len(pending), len(problems), seconds,
+                         len(failed))
     if failed:
-        raise _failed_images_error(failed, {item.id: item.line for item in items}, job.prompts, len(tasks))
-    return JobSummary(len(tasks), len(pending), len(tasks) - len(pending), len(problems), seconds)
+        raise _failed_images_error(failed, {item.id: item.line for item in items}, job.prompts, summary)
+    return summary
 
 
 def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, int], prompts: Path,
-                         images: int) -> T2IError:
+                         summary: JobSummary) -> ImagesFailed:
     first, reason = failed[0]
-    return T2IError(f"{len(failed)} image(s) could not be made: {reason} (first: {first.file}, line "
-                    f"{lines[first.id]} of '{prompts}'); the other {images - len(failed)} are done and listed. Change "
-                    "those items (more steps, another sampler, a smaller guidance) and rerun the same command")
+    return ImagesFailed(f"{len(failed)} image(s) could not be made: {reason} (first: {first.file}, line "
+                        f"{lines[first.id]} of '{prompts}'); the other {summary.images - len(failed)} are done and "
+                        "listed. Change those items (more steps, another sampler, a smaller guidance) and rerun the "
+                        "same command", summary)
 
 
 def _check_default_size_fits(pipe, batch_size: int, defaults: JobDefaults) -> None:
