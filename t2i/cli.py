@@ -167,9 +167,9 @@ def _parser() -> argparse.ArgumentParser:
         "batch", help="generate images for every line of a prompt file; resumable and shardable",
         description="Generate the images that FILE asks for into OUT: images/<id>-<k>.png with their parameters "
                     "embedded, manifest.jsonl, job.json and index.html. FILE is .txt (one prompt a line; blank "
-                    "lines skipped), .jsonl or .csv with the fields id, prompt, negative_prompt, seed, steps, "
-                    "guidance, sampler, height, width, num_images; the options give the defaults for missing "
-                    "fields, the pipeline's saved defaults come after them. Rerunning the same command makes only "
+                    "lines and lines starting with '#' skipped), .jsonl or .csv with the fields id, prompt, "
+                    "negative_prompt, seed, steps, guidance, sampler, height, width, num_images; the options give "
+                    "the defaults for missing fields, the pipeline's saved defaults come after them. Rerunning the same command makes only "
                     "what is missing. Under `accelerate launch -m t2i.cli batch ...` items are shared out "
                     "between the processes.")
     batch.add_argument("--model", type=Path, help="pipeline folder (t2i or diffusers SD)")

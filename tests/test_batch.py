@@ -80,6 +80,22 @@ def test_txt_lines_are_items_blank_lines_are_skipped_and_ids_survive_reordering(
     assert all(len(item.id) == 12 and item.id.isalnum() for item in forward)
 
 
+def test_txt_comment_lines_are_not_items_and_change_no_id_but_jsonl_and_csv_prompts_may_start_with_a_hash(tmp_path):
+    plain, _ = read_items(write(tmp_path / "plain.txt", ["a red circle", "a red circle", "a blue square #2"]),
+                          DEFAULTS, 8)
+    commented, problems = read_items(write(tmp_path / "commented.txt", [
+        "# portraits, second set", "a red circle", "  # a red circle", "#a red circle", "a red circle",
+        "\t#", "a blue square #2"]), DEFAULTS, 8)
+    assert problems == []
+    assert [(item.line, item.prompt) for item in commented] == [(2, "a red circle"), (5, "a red circle"),
+                                                                (7, "a blue square #2")]
+    assert [item.id for item in commented] == [item.id for item in plain]  # the repeat count skips the comments
+    jsonl = write(tmp_path / "p.jsonl", [{"prompt": "# a red circle"}])
+    csv = write(tmp_path / "p.csv", ["prompt", "# a red circle"])
+    for path in (jsonl, csv):
+        assert [item.prompt for item in read_items(path, DEFAULTS, 8)[0]] == ["# a red circle"]
+
+
 def test_blank_jsonl_lines_and_empty_csv_rows_are_skipped_as_the_readme_says(tmp_path):
     jsonl = write(tmp_path / "p.jsonl", ['{"prompt": "a red circle"}', "", "  ", '{"prompt": "a blue square"}'])
     csv = write(tmp_path / "p.csv", ["id,prompt,seed", "x1,a red circle,3", ",,", "", "x2,a blue square,"])
@@ -228,9 +244,12 @@ def test_a_prompt_file_with_nothing_to_make_is_refused_and_leaves_the_job_folder
     out = tmp_path / "out"
     run(model, write(tmp_path / "p.txt", PROMPTS[:2]), out)
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "empty.txt").write_text("\n  \n# portraits, second set\n")
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
     write(tmp_path / "bad.jsonl", [{"prompt": ""}])
-    for name, message in (("empty.txt", "has no prompts (every line is blank)"), ("bad.jsonl", "has no valid items")):
+    for name, message in (("empty.txt", "has no prompts (every line is blank or a comment)"),
+                          ("empty.jsonl", "has no prompts (every line is blank)"),
+                          ("bad.jsonl", "has no valid items")):
         assert main(["batch", "--model", str(model), "--prompts", str(tmp_path / name), "--out", str(out),
                      "--steps", "2", "--device", "cpu", "--skip-invalid"]) == 2
         assert message in capsys.readouterr().err

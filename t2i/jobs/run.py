@@ -100,8 +100,8 @@ def run_batch_job(job: BatchJob) -> JobSummary:
         if processes.rank == 0:
             print(f"skipping {len(problems)} invalid line(s):\n{listing}", file=sys.stderr)
     if not items:
-        raise T2IError(f"prompt file '{job.prompts}' has no " + ("valid items" if problems else "prompts (every line is "
-                       "blank)") + "; nothing was generated and its output folder was left as it is")
+        raise T2IError(f"prompt file '{job.prompts}' has no {_why_no_items(job.prompts, problems)}; nothing was "
+                       "generated and its output folder was left as it is")
     check_job_size(items, job.prompts)
 
     model = {"name": job.model.resolve().name, "hash": model_hash(job.model)}
@@ -136,6 +136,12 @@ def run_batch_job(job: BatchJob) -> JobSummary:
     if failed:
         raise _failed_images_error(failed, {item.id: item.line for item in items}, job.prompts, summary)
     return summary
+
+
+def _why_no_items(prompts: Path, problems: list[Problem]) -> str:
+    if problems:
+        return "valid items"
+    return "prompts (every line is blank" + (" or a comment)" if prompts.suffix.lower() == ".txt" else ")")
 
 
 def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, int], prompts: Path,
