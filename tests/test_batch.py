@@ -20,10 +20,10 @@ from PIL.PngImagePlugin import PngInfo
 
 from t2i.cli import main
 from t2i.errors import T2IError
-from t2i.jobs.items import FIELDS, JobDefaults, read_items
+from t2i.jobs.items import FIELDS, ImageTask, JobDefaults, read_items
 from t2i.jobs.parameters import format_parameters, parse_parameters
 from t2i.jobs.processes import owner_rank
-from t2i.jobs.run import BatchJob, run_batch_job
+from t2i.jobs.run import BatchJob, padding_notice, run_batch_job
 from t2i.training.interrupt import StopNow
 
 from conftest import REPO
@@ -433,8 +433,6 @@ def test_malformed_embedded_parameters_are_one_clear_error():
 
 
 def test_parameters_text_round_trips_awkward_values():
-    from t2i.jobs.items import ImageTask
-
     task = ImageTask("x", 0, 123, 'a "red", circle: big\nsecond line', "no: blur, please", 7, 0.1 + 0.2, "euler_a",
                      48, 64)
     parsed = parse_parameters(format_parameters(task, "model, v2", "abcdef0123"))
@@ -452,6 +450,36 @@ def test_a_truncated_prompt_warning_gets_a_line_of_its_own_not_the_progress_bars
     lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
     assert any(line.startswith("t2i: warning: prompt truncated to the text encoder's") for line in lines)
     assert not any("img/s]t2i: warning" in line for line in lines)
+
+
+def test_a_job_mostly_made_of_padding_says_so_once_and_names_a_batch_size_without_it(model, tmp_path, capsys):
+    prompts = write(tmp_path / "p.txt", PROMPTS[:3])
+    run(model, prompts, tmp_path / "at-8", batch_size=8)
+    assert capsys.readouterr().err.count("images computed are padding") == 1
+    run(model, prompts, tmp_path / "at-8", batch_size=8)  # all done: nothing computed, nothing to say
+    run(model, prompts, tmp_path / "at-3", batch_size=3)
+    assert "padding" not in capsys.readouterr().err
+    assert main(["batch", "--model", str(model), "--prompts", str(prompts), "--out", str(tmp_path / "cli"),
+                 "--steps", "2", "--device", "cpu", "--batch-size", "8"]) == 0
+    assert ("t2i batch: 3 images in batches of 8: 5 of the 8 images computed are padding (batches are padded to full "
+            "size so that each image's pixels are the same in any rerun); --batch-size 3 would make as many batches, "
+            "with no padding\n") in capsys.readouterr().err
+
+
+def padding_line(group_sizes: list[int], batch_size: int, suggest: bool = True) -> str | None:
+    tasks = [ImageTask(f"i{steps}-{n}", 0, 0, "p", "", steps, 3.0, "dpmpp_2m", 32, 32)
+             for steps, size in enumerate(group_sizes, 1) for n in range(size)]
+    return padding_notice(tasks, batch_size, suggest)
+
+
+def test_padding_is_counted_per_group_and_the_batch_size_named_keeps_the_number_of_batches():
+    assert padding_line([3], 4) is None  # 1 of 4 computed: a quarter is not worth a line
+    assert padding_line([100], 8) is None  # 4 of 104
+    assert padding_line([5, 3], 8).startswith("t2i batch: 8 images in batches of 8: 8 of the 16 images computed")
+    assert padding_line([5, 3], 8).endswith("--batch-size 5 would make as many batches, with 2 image(s) of padding")
+    assert padding_line([9], 8).endswith("--batch-size 5 would make as many batches, with 1 image(s) of padding")
+    assert padding_line([8, 1], 8).endswith("the same in any rerun)")  # any smaller size makes more batches
+    assert padding_line([3], 8, suggest=False).endswith("the same in any rerun)")  # a resume keeps its batch size
 
 
 def test_same_images_whatever_the_order_and_the_batch_size(model, tmp_path):

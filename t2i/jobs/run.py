@@ -9,9 +9,10 @@ missing images, equal to those an uninterrupted run would have made; the manifes
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from t2i.jobs.processes import current_processes
 from t2i.jobs.writer import ImageWriter
 
 PROMPT_CACHE_SIZE = 256  # encoded prompts kept: batches are grouped, so a prompt's images mostly run together
+# Padding beyond this share of the images a run computes is said before it starts: a small job at a large
+# --batch-size otherwise pays for it silently (3 images at batch size 8 compute 8).
+PADDING_NOTICE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,9 @@ def run_batch_job(job: BatchJob) -> JobSummary:
         writer = ImageWriter(job.out, shard, model)
         try:
             pending = _pending_tasks(job.out, tasks, model, writer, job.force)
+            notice = padding_notice(pending, job.batch_size, suggest=len(pending) == len(tasks))
+            if notice and processes.rank == 0:
+                print(notice, file=sys.stderr)
             started = time.perf_counter()
             failed = _generate(pipe, pending, job.batch_size, writer, job.progress and processes.rank == 0)
         finally:
@@ -325,6 +332,35 @@ def _generate(pipe, tasks: list[ImageTask], batch_size: int, writer: ImageWriter
                 writer.submit(batch, pipe.decode(latents)[:len(batch)])
             bar.update(len(batch))
     return failed
+
+
+def padding_notice(tasks: list[ImageTask], batch_size: int, suggest: bool) -> str | None:
+    """A line saying how many of the images computed are padding, when more than PADDING_NOTICE_SHARE of them are;
+    with `suggest`, it names the smallest batch size that makes as many batches (as many sampling calls) with less.
+    A resumed job is not told to change its batch size: its images so far were made at this one."""
+    padding = _padding(tasks, batch_size)
+    computed = len(tasks) + padding
+    if padding <= PADDING_NOTICE_SHARE * computed:
+        return None
+    line = (f"t2i batch: {len(tasks)} images in batches of {batch_size}: {padding} of the {computed} images computed "
+            "are padding (batches are padded to full size so that each image's pixels are the same in any rerun)")
+    smaller = _smallest_batch_size_with_as_many_batches(tasks, batch_size)
+    if suggest and smaller < batch_size:
+        left = _padding(tasks, smaller)
+        line += (f"; --batch-size {smaller} would make as many batches, with "
+                 f"{f'{left} image(s) of padding' if left else 'no padding'}")
+    return line
+
+
+def _padding(tasks: list[ImageTask], batch_size: int) -> int:
+    return sum(batch_size - len(batch) for batch in plan_batches(tasks, batch_size))
+
+
+def _smallest_batch_size_with_as_many_batches(tasks: list[ImageTask], batch_size: int) -> int:
+    """A group of g images makes ceil(g / b) batches, never fewer for a smaller b; so the total stays the same
+    exactly when every group's count does, and the smallest b that keeps a group's n batches is ceil(g / n)."""
+    group_sizes = Counter(task.group for task in tasks).values()
+    return max(math.ceil(size / math.ceil(size / batch_size)) for size in group_sizes)
 
 
 def plan_batches(tasks: list[ImageTask], batch_size: int) -> list[list[ImageTask]]:
