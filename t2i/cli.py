@@ -79,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="train LoRA adapters of this rank on the attention projections; 0 trains the whole "
                                "U-Net (default: 0)")
     finetune.add_argument("--validation-prompts", type=Path,
-                          help="a text file, one prompt a line, rendered into OUT/finetune/samples every "
-                               "sample_every steps (default: captions from the data)")
+                          help="a text file, one prompt a line ('#' lines are comments), rendered into "
+                               "OUT/finetune/samples every sample_every steps (default: captions from the data)")
     finetune.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: 100)")
     finetune.add_argument("--image-column", help="a `datasets` table's image column (default: image)")
     finetune.add_argument("--caption-column", help="the caption column (default: text)")
@@ -169,9 +169,9 @@ def _parser() -> argparse.ArgumentParser:
                     "embedded, manifest.jsonl, job.json and index.html. FILE is .txt (one prompt a line; blank "
                     "lines and lines starting with '#' skipped), .jsonl or .csv with the fields id, prompt, "
                     "negative_prompt, seed, steps, guidance, sampler, height, width, num_images; the options give "
-                    "the defaults for missing fields, the pipeline's saved defaults come after them. Rerunning the same command makes only "
-                    "what is missing. Under `accelerate launch -m t2i.cli batch ...` items are shared out "
-                    "between the processes.")
+                    "the defaults for missing fields, the pipeline's saved defaults come after them. Rerunning the "
+                    "same command makes only what is missing. Under `accelerate launch -m t2i.cli batch ...` items "
+                    "are shared out between the processes.")
     batch.add_argument("--model", type=Path, help="pipeline folder (t2i or diffusers SD)")
     batch.add_argument("--prompts", type=Path, metavar="FILE", help="prompt file: .txt, .jsonl or .csv")
     batch.add_argument("--out", type=Path, help="output folder; rerun into it to resume")
@@ -299,7 +299,10 @@ def _finetune_overrides(args) -> list[str]:
 
 
 def _validation_prompts(path: Path) -> list[str]:
-    """The prompts of a --validation-prompts file, one a line (UTF-8, a byte-order mark dropped)."""
+    """The prompts of a --validation-prompts file, one a line (UTF-8, a byte-order mark dropped), blank lines and
+    comments ('#' first) skipped as in `t2i batch`'s .txt files."""
+    from t2i.jobs.items import TXT_COMMENT
+
     if not path.is_file():
         raise T2IError(f"--validation-prompts file '{path}' does not exist" if not path.exists() else
                        f"--validation-prompts '{path}' is not a file; give a text file of one prompt a line")
@@ -308,10 +311,10 @@ def _validation_prompts(path: Path) -> list[str]:
     except UnicodeDecodeError as error:
         raise T2IError(f"--validation-prompts file '{path}' is not UTF-8 text ({error.reason} at byte "
                        f"{error.start}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(TXT_COMMENT)]
     if not prompts:
-        raise T2IError(f"--validation-prompts file '{path}' holds no prompts; write one a line, or leave the option "
-                       "out to preview captions from the data")
+        raise T2IError(f"--validation-prompts file '{path}' holds no prompts (every line is blank or a comment); "
+                       "write one a line, or leave the option out to preview captions from the data")
     return prompts
 
 

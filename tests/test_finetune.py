@@ -175,10 +175,10 @@ def test_the_last_step_is_scored_and_drawn_whatever_the_sampling_interval(traine
 
 
 def test_an_empty_validation_prompts_file_is_refused(tmp_path, capsys):
-    (tmp_path / "prompts.txt").write_text("\n  \n")
+    (tmp_path / "prompts.txt").write_text("\n  \n  # only a comment\n")
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
                               str(tmp_path / "prompts.txt"))) == 2
-    assert "holds no prompts" in capsys.readouterr().err
+    assert "holds no prompts (every line is blank or a comment)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
                               str(tmp_path))) == 2
@@ -192,7 +192,7 @@ def test_a_validation_prompts_file_not_in_utf8_is_refused_and_a_byte_order_mark_
     assert main(finetune_args(tmp_path / "model", tmp_path / "data", tmp_path / "run", "--validation-prompts",
                               str(tmp_path / "latin1.txt"))) == 2
     assert "is not UTF-8 text (invalid continuation byte at byte 6); save it as UTF-8" in capsys.readouterr().err
-    (tmp_path / "excel.txt").write_bytes("\ufeffun café ☕\r\na rocket\r\n".encode("utf-8"))
+    (tmp_path / "excel.txt").write_bytes("\ufeff# previews\r\nun café ☕\r\na rocket\r\n".encode("utf-8"))
     assert _validation_prompts(tmp_path / "excel.txt") == ["un café ☕", "a rocket"]
 
 
