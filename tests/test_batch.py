@@ -246,9 +246,11 @@ def test_a_prompt_file_with_nothing_to_make_is_refused_and_leaves_the_job_folder
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     (tmp_path / "empty.txt").write_text("\n  \n# portraits, second set\n")
     (tmp_path / "empty.jsonl").write_text("\n  \n")
+    (tmp_path / "heading.csv").write_text("prompt,seed\n\n")
     write(tmp_path / "bad.jsonl", [{"prompt": ""}])
     for name, message in (("empty.txt", "has no prompts (every line is blank or a comment)"),
                           ("empty.jsonl", "has no prompts (every line is blank)"),
+                          ("heading.csv", "has no prompts (no rows below a heading line)"),
                           ("bad.jsonl", "has no valid items")):
         assert main(["batch", "--model", str(model), "--prompts", str(tmp_path / name), "--out", str(out),
                      "--steps", "2", "--device", "cpu", "--skip-invalid"]) == 2

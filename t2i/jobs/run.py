@@ -145,10 +145,13 @@ def run_batch_job(job: BatchJob) -> JobSummary:
     return summary
 
 
+EMPTY_FILE = {".txt": "every line is blank or a comment", ".csv": "no rows below a heading line"}
+
+
 def _why_no_items(prompts: Path, problems: list[Problem]) -> str:
     if problems:
         return "valid items"
-    return "prompts (every line is blank" + (" or a comment)" if prompts.suffix.lower() == ".txt" else ")")
+    return "prompts (" + EMPTY_FILE.get(prompts.suffix.lower(), "every line is blank") + ")"
 
 
 def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, int], prompts: Path,
