@@ -318,7 +318,7 @@ def test_a_size_too_large_to_decode_is_an_invalid_line_or_a_named_option_not_an_
                                                                                                     capsys):
     huge = 2**20
     prompts = write(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "height": huge, "width": huge}])
-    with pytest.raises(T2IError, match=f"line 2: {huge}x{huge} at batch 4 needs at least .* GiB to decode"):
+    with pytest.raises(T2IError, match=f"line 2: {huge}x{huge} at batch 4 needs at least .* GiB to sample and decode"):
         run(model, prompts, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert run(model, prompts, tmp_path / "out", skip_invalid=True).generated == 1

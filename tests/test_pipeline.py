@@ -130,7 +130,7 @@ def test_bad_inputs_give_clear_errors(tiny_pipeline, tmp_path):
     (dict(seed="7"), "seed must be an int or a list of 1 ints"),
     (dict(seed=-1), r"seeds must lie in 0\.\.9223372036854775807"),
     (dict(seed=2**70), r"seeds must lie in 0\.\."),
-    (dict(height=2**20, width=2**20), r"1048576x1048576 at batch 1 needs at least \d+ GiB to decode, more than"),
+    (dict(height=2**20, width=2**20), r"1048576x1048576 at batch 1 needs at least \d+ GiB to sample and decode, more than"),
     (dict(batch_size=-1), r"batch_size must be at least 1; got -1"),
     (dict(batch_size=0), r"batch_size must be at least 1; got 0"),
     (dict(batch_size=1.5), r"batch_size must be an integer; got 1.5"),

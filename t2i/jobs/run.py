@@ -164,10 +164,10 @@ def _failed_images_error(failed: list[tuple[ImageTask, str]], lines: dict[str, i
 
 
 def _check_default_size_fits(pipe, batch_size: int, defaults: JobDefaults) -> None:
-    """A --height/--width (or --batch-size) too large to decode on this device is one error naming the options,
+    """A --height/--width (or --batch-size) too large for this device is one error naming the options,
     not a problem blamed on every line that leaves its size out."""
     try:
-        pipe.check_memory(batch_size, defaults.height, defaults.width)
+        pipe.check_memory(batch_size, defaults.height, defaults.width, guided=defaults.guidance != 1.0)
     except T2IError as error:
         raise T2IError(f"--height/--width/--batch-size: {error}") from None
 
@@ -177,17 +177,17 @@ def _items_that_fit(pipe, batch_size: int, items: list[Item]) -> tuple[list[Item
     before any work, rather than by the OS killing the job when it reaches them."""
     fitting, problems, refusals = [], [], {}
     for item in items:
-        size = (item.height, item.width)
-        if size not in refusals:
+        shape = (item.height, item.width, item.guidance != 1.0)  # guidance runs the U-Net on twice the batch
+        if shape not in refusals:
             try:
-                pipe.check_memory(batch_size, *size)
-                refusals[size] = None
+                pipe.check_memory(batch_size, item.height, item.width, guided=shape[2])
+                refusals[shape] = None
             except T2IError as error:
-                refusals[size] = str(error)
-        if refusals[size] is None:
+                refusals[shape] = str(error)
+        if refusals[shape] is None:
             fitting.append(item)
         else:
-            problems.append(Problem(item.line, refusals[size]))
+            problems.append(Problem(item.line, refusals[shape]))
     return fitting, problems
 
 

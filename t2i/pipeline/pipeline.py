@@ -31,6 +31,7 @@ from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.classifier_guidance import Guide, classifier_guide, prompt_labels
 from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
+from t2i.pipeline.memory import attention_is_quadratic, generation_floor
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, dtype_name, network_dtype
 from t2i.pipeline.upscaler import Upscaler
 
@@ -240,7 +241,7 @@ class Text2ImagePipeline:
         if batch_size is not None:
             _check_number("batch_size", batch_size, 1, None, integer=True)
         batch_size = batch_size or len(prompts)
-        self.check_memory(min(batch_size, len(prompts)), height, width)
+        self.check_memory(min(batch_size, len(prompts)), height, width, guided=guidance != 1.0)
         images: list[Image.Image] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
@@ -323,18 +324,20 @@ class Text2ImagePipeline:
                 raise T2IError(f"{name} {value} is not a positive multiple of the VAE's latent factor {factor}")
         return height, width
 
-    def check_memory(self, batch_size: int, height: int, width: int) -> None:
-        """Refuse a size whose decoding cannot fit in the device's memory at all, rather than be killed by the OS.
+    def check_memory(self, batch_size: int, height: int, width: int, guided: bool = False) -> None:
+        """Refuse a size that cannot fit in the device's memory at all, rather than be killed by the OS part-way.
 
-        The estimate is a floor: three tensors of the VAE decoder's largest level (channels × pixels) per image."""
-        levels = self.vae.config.block_out_channels
-        largest = max(channels * (height >> level) * (width >> level) for level, channels in enumerate(levels))
-        needed = 3 * batch_size * largest * torch.finfo(self.dtype).bits // 8
+        The estimate is a floor (t2i.pipeline.memory): the activations that the U-Net's forward (on twice the batch
+        when `guided`, as classifier-free guidance runs it) or the VAE decoder's must hold at once, whichever is
+        more, with the attention matrix only where torch's attention backend for this device and dtype holds one."""
+        quadratic = attention_is_quadratic(self.device, self.dtype)
+        needed = generation_floor(self.unet.config, self.vae.config, self.latent_factor, batch_size, height, width,
+                                  self.dtype.itemsize, guided, unet_quadratic=quadratic, vae_quadratic=quadratic)
         available = device_memory(self.device)
         if needed > available:
-            raise T2IError(f"{height}x{width} at batch {batch_size} needs at least {needed / 2**30:.0f} GiB to decode, "
-                           f"more than the {available / 2**30:.0f} GiB of this {self.device.type} device; use a "
-                           "smaller size or batch size")
+            raise T2IError(f"{height}x{width} at batch {batch_size} needs at least {needed / 2**30:.0f} GiB to sample "
+                           f"and decode, more than the {available / 2**30:.0f} GiB of this {self.device.type} device; "
+                           "use a smaller size or batch size")
 
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,

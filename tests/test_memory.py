@@ -1,0 +1,58 @@
+"""The memory floor that refuses a size before any work (t2i.pipeline.memory), against peak RSS measured on the tiny
+pipeline."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from t2i.errors import T2IError
+from t2i.pipeline import pipeline as pipeline_module
+from t2i.pipeline.memory import attention_is_quadratic, generation_floor, unet_floor, vae_decoder_floor
+
+GiB, MiB = 2**30, 2**20
+# Peak RSS that one guided U-Net call (batch 1, fp32) added to configs/tiny.yaml's loaded pipeline on the project's
+# CPU, the least of the runs in docs/performance.md ("How large an image fits"): sizes that ran.
+RAN_IN = {1024: 697 * MiB, 2048: 2632 * MiB}
+
+
+def reports_memory(monkeypatch, size: int) -> None:
+    monkeypatch.setattr(pipeline_module, "device_memory", lambda device: size)
+
+
+def test_the_unet_sets_the_floor_of_the_tiny_pipeline(tiny_pipeline):
+    # U-Net (32, 32), one layer per level, at its top level: the skips (conv_in's and the layer's, 32 each), then the
+    # first up ResNet's input (the level below's 32 concatenated with a skip's 32), its GroupNorm and its SiLU.
+    assert unet_floor(tiny_pipeline.unet.config, 64, 64) == (2 * 32 + 3 * 64) * 64 * 64
+    # VAE (8, 16): at full size, the first ResNet's input is the 16 channels upsampled from below, with two copies.
+    assert vae_decoder_floor(tiny_pipeline.vae.config, 128, 128) == 3 * 16 * 128 * 128
+    floor = generation_floor(tiny_pipeline.unet.config, tiny_pipeline.vae.config, 2, 1, 128, 128, 4)
+    assert floor == 4 * 256 * 64 * 64  # the U-Net's 256 channels per latent pixel, over the VAE's 48 per pixel
+
+
+def test_a_size_whose_unet_cannot_fit_is_refused_though_its_decoding_would(tiny_pipeline, monkeypatch):
+    # 4096² unguided in fp32 added 5,286 MiB of peak RSS (the VAE decoder's 5 GiB floor came to 1.5 GiB, and
+    # passed): on a device of 3 GiB it is refused before any work.
+    reports_memory(monkeypatch, 3 * GiB)
+    with pytest.raises(T2IError, match=r"^4096x4096 at batch 1 needs at least 4 GiB to sample and decode, more than "
+                                       r"the 3 GiB of this cpu device; use a smaller size or batch size$"):
+        tiny_pipeline.check_memory(1, 4096, 4096)
+
+
+@pytest.mark.parametrize("size", sorted(RAN_IN))
+def test_a_size_that_ran_is_not_refused_on_a_device_of_its_measured_peak(tiny_pipeline, monkeypatch, size):
+    reports_memory(monkeypatch, RAN_IN[size])
+    tiny_pipeline.check_memory(1, size, size, guided=True)
+    reports_memory(monkeypatch, RAN_IN[size] // 2)  # and guidance, which doubles the U-Net's batch, is counted
+    with pytest.raises(T2IError, match=f"{size}x{size} at batch 1 needs at least"):
+        tiny_pipeline.check_memory(1, size, size, guided=True)
+
+
+def test_the_attention_matrix_counts_only_where_the_backend_holds_it(tiny_pipeline, monkeypatch):
+    # On CPUs torch takes flash attention, whose buffers do not grow with tokens²; its math backend holds the
+    # heads x tokens² matrix: at 2048², that of the VAE's one head over 1024² latent pixels is 4 TiB in fp32.
+    assert not attention_is_quadratic(tiny_pipeline.device, torch.float32)(16)
+    with sdpa_kernel(SDPBackend.MATH):
+        assert attention_is_quadratic(tiny_pipeline.device, torch.float32)(16)
+        reports_memory(monkeypatch, 24 * GiB)
+        with pytest.raises(T2IError, match=r"2048x2048 at batch 1 needs at least \d{3,} GiB"):
+            tiny_pipeline.check_memory(1, 2048, 2048)
+    tiny_pipeline.check_memory(1, 2048, 2048)
