@@ -1,5 +1,5 @@
 """The memory floor that refuses a size before any work (t2i.pipeline.memory), against peak RSS measured on the tiny
-pipeline."""
+pipeline, and torch's own out-of-memory errors as one line."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -56,3 +56,22 @@ def test_the_attention_matrix_counts_only_where_the_backend_holds_it(tiny_pipeli
         with pytest.raises(T2IError, match=r"2048x2048 at batch 1 needs at least \d{3,} GiB"):
             tiny_pipeline.check_memory(1, 2048, 2048)
     tiny_pipeline.check_memory(1, 2048, 2048)
+
+
+@pytest.mark.parametrize("network, doing", [("unet", "sampling"), ("vae", "decoding")])
+def test_torch_running_out_of_memory_is_one_line_naming_the_size(tiny_pipeline, monkeypatch, network, doing):
+    def fail(message):
+        def forward(*args, **kwargs):
+            raise RuntimeError(message)
+        return forward
+
+    method = "forward" if network == "unet" else "decode"
+    monkeypatch.setattr(getattr(tiny_pipeline, network), method, fail(
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+        "allocate 268435456 bytes. Error code 12 (Cannot allocate memory)"))
+    with pytest.raises(T2IError, match=rf"^32x32 at batch 2 ran out of memory while {doing} on this cpu device "
+                                       r"\(torch could not allocate 0.25 GiB more\); use a smaller size or batch size$"):
+        tiny_pipeline(["a", "b"], num_inference_steps=1, height=32, width=32)
+    monkeypatch.setattr(getattr(tiny_pipeline, network), method, fail("mat1 and mat2 shapes cannot be multiplied"))
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # other errors are not renamed
+        tiny_pipeline("a", num_inference_steps=1, height=32, width=32)

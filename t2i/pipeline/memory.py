@@ -14,10 +14,14 @@ holds the matrix, and only then is it counted.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend
+
+from t2i.errors import T2IError
 
 # A ResNet block's input, its GroupNorm and its SiLU, alive together before its first convolution.
 RESNET_COPIES = 3
@@ -108,6 +112,24 @@ def attention_is_quadratic(device: torch.device, dtype: torch.dtype) -> Quadrati
             return False
 
     return quadratic
+
+
+@contextmanager
+def out_of_memory_named(doing: str, batch_size: int, height: int, width: int, device: torch.device):
+    """Torch running out of memory inside (CUDA's OutOfMemoryError, the CPU allocator refusing an allocation larger
+    than the machine can give) raises one T2IError that names the size and batch, past the floor's refusal."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as error:
+        message = str(error)
+        if not (isinstance(error, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in message
+                or "out of memory" in message.lower()):
+            raise
+        cpu_request = re.search(r"tried to allocate (\d+) bytes", message)  # the CPU allocator counts bytes
+        reason = (f"torch could not allocate {int(cpu_request[1]) / 2**30:.2f} GiB more" if cpu_request
+                  else message.strip().splitlines()[0] if message.strip() else type(error).__name__)
+        raise T2IError(f"{height}x{width} at batch {batch_size} ran out of memory while {doing} on this {device.type} "
+                       f"device ({reason}); use a smaller size or batch size") from None
 
 
 def _per_level(value: int | tuple[int, ...] | list[int], levels: int) -> list[int]:

@@ -31,7 +31,7 @@ from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.classifier_guidance import Guide, classifier_guide, prompt_labels
 from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
-from t2i.pipeline.memory import attention_is_quadratic, generation_floor
+from t2i.pipeline.memory import attention_is_quadratic, generation_floor, out_of_memory_named
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, dtype_name, network_dtype
 from t2i.pipeline.upscaler import Upscaler
 
@@ -352,8 +352,9 @@ class Text2ImagePipeline:
         if sampler in SCORE_SAMPLERS:
             if eta != 0.0:  # their noise is their own (Langevin steps, the SDE's); DDIM's η has no place in it
                 raise T2IError(f"eta {eta} is DDIM's; sampler {sampler!r} takes none: use --sampler ddim")
-            return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height, width,
-                                                   sampler, guidance_rescale, dynamic_threshold, guide)
+            with out_of_memory_named("sampling", len(seeds), height, width, self.device):
+                return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height,
+                                                       width, sampler, guidance_rescale, dynamic_threshold, guide)
         scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
         context = _guided_context(context, negative_context, guidance)
@@ -371,7 +372,8 @@ class Text2ImagePipeline:
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t).to(self.dtype)
-            prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
+            with out_of_memory_named("sampling", len(seeds), height, width, self.device):
+                prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
             unet_failed |= torch.isfinite(model_input).all() & ~torch.isfinite(prediction).all()
             if learned_variance:  # guidance acts on the prediction half alone
                 prediction, variance = split_variance(prediction)
@@ -423,7 +425,9 @@ class Text2ImagePipeline:
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
-        pixels = self.vae.decode(latents.to(self.dtype)).sample
+        height, width = (side * self.latent_factor for side in latents.shape[-2:])
+        with out_of_memory_named("decoding", len(latents), height, width, self.device):
+            pixels = self.vae.decode(latents.to(self.dtype)).sample
         if not torch.isfinite(pixels).all():
             raise NonFiniteSample(f"the VAE decoder's output is not finite (in {str(self.dtype).split('.')[-1]}): "
                                   "its weights are damaged or have diverged, or overflow in this dtype")
