@@ -6,7 +6,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from t2i.errors import T2IError
 from t2i.pipeline import pipeline as pipeline_module
-from t2i.pipeline.memory import attention_is_quadratic, generation_floor, unet_floor, vae_decoder_floor
+from t2i.pipeline.memory import (attention_is_quadratic, generation_floor, unet_floor, upscaler_floor,
+                                  vae_decoder_floor)
 
 GiB, MiB = 2**30, 2**20
 # Peak RSS that one guided U-Net call (batch 1, fp32) added to configs/tiny.yaml's loaded pipeline on the project's
@@ -32,8 +33,8 @@ def test_a_size_whose_unet_cannot_fit_is_refused_though_its_decoding_would(tiny_
     # 4096² unguided in fp32 added 5,286 MiB of peak RSS (the VAE decoder's 5 GiB floor came to 1.5 GiB, and
     # passed): on a device of 3 GiB it is refused before any work.
     reports_memory(monkeypatch, 3 * GiB)
-    with pytest.raises(T2IError, match=r"^4096x4096 at batch 1 needs at least 4 GiB to sample and decode, more than "
-                                       r"the 3 GiB of this cpu device; use a smaller size or batch size$"):
+    with pytest.raises(T2IError, match=r"^4096x4096 at batch 1 needs at least 4.0 GiB to sample and decode, more than "
+                                       r"the 3.0 GiB of this cpu device; use a smaller size or batch size$"):
         tiny_pipeline.check_memory(1, 4096, 4096)
 
 
@@ -75,3 +76,31 @@ def test_torch_running_out_of_memory_is_one_line_naming_the_size(tiny_pipeline, 
     monkeypatch.setattr(getattr(tiny_pipeline, network), method, fail("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # other errors are not renamed
         tiny_pipeline("a", num_inference_steps=1, height=32, width=32)
+
+
+def test_the_sr_stage_has_a_floor_of_its_own_and_refuses_before_any_work(monkeypatch):
+    """The SR U-Net runs in pixel space (no VAE to shrink its input): generate(upscale=True) and upscale() passed
+    the base stage's floor and went on to the SR stage whatever its size."""
+    from PIL import Image
+
+    from conftest import build_tiny_pipeline
+    from test_sr import tiny_upscaler
+
+    pipe = build_tiny_pipeline()
+    pipe.sr = tiny_upscaler(pipe)
+    sr_config = pipe.sr.unet.config  # 2x, on 2x2 patches: its input is the low-resolution image's size
+    assert upscaler_floor(sr_config, 2, 2, 1, 512, 512, 4) == unet_floor(sr_config, 512, 512) * 4
+    assert upscaler_floor(sr_config, 2, 2, 3, 512, 512, 4, guided=True) == 6 * unet_floor(sr_config, 512, 512) * 4
+    sr_bytes = upscaler_floor(sr_config, 2, 2, 1, 1024, 1024, 4)
+    base_bytes = generation_floor(pipe.unet.config, pipe.vae.config, pipe.latent_factor, 1, 1024, 1024, 4)
+    assert sr_bytes > base_bytes
+    reports_memory(monkeypatch, (sr_bytes + base_bytes) // 2)
+    pipe.check_memory(1, 1024, 1024)  # the base stage fits, unguided
+    called = []
+    monkeypatch.setattr(pipe, "denoise", lambda *args, **kwargs: called.append(args))
+    with pytest.raises(T2IError, match=r"^1024x1024 at batch 1 needs at least [\d.]+ GiB to upscale to 2048x2048, "
+                                       r"more than the [\d.]+ GiB of this cpu device; use a smaller size or batch size$"):
+        pipe("a red circle", height=1024, width=1024, upscale=True, guidance_scale=1.0)
+    with pytest.raises(T2IError, match="to upscale to 2048x2048"):
+        pipe.upscale(Image.new("RGB", (1024, 1024)), "a red circle")
+    assert not called

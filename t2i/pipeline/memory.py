@@ -96,6 +96,17 @@ def generation_floor(unet_config, vae_config, latent_factor: int, batch_size: in
     return max(unet, vae) * element_bytes
 
 
+def upscaler_floor(unet_config, patch_size: int, factor: int, batch_size: int, height: int, width: int,
+                   element_bytes: int, guided: bool = False, quadratic: QuadraticAttention = never_quadratic) -> int:
+    """Bytes that the cascade's SR U-Net must hold at once to make `batch_size` images `factor` times a height x
+    width input. It runs in pixel space on patch_size² patches (space to depth), so it sees an input of
+    (factor·height/patch_size, factor·width/patch_size): at 2x on 2x2 patches, one the size of the low-resolution
+    image, with no VAE to shrink it."""
+    side_height, side_width = height * factor // patch_size, width * factor // patch_size
+    unet_batch = batch_size * (2 if guided else 1)
+    return unet_batch * unet_floor(unet_config, side_height, side_width, quadratic) * element_bytes
+
+
 def attention_is_quadratic(device: torch.device, dtype: torch.dtype) -> QuadraticAttention:
     """Whether torch's scaled_dot_product_attention, asked of a few tokens of each head dim on `device` in `dtype`,
     picks its math backend (which holds the tokens x tokens matrix). Where torch cannot say, no: the floor then

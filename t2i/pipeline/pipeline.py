@@ -31,7 +31,7 @@ from t2i.models.vae import latent_factor
 from t2i.pipeline import storage
 from t2i.pipeline.classifier_guidance import Guide, classifier_guide, prompt_labels
 from t2i.pipeline.denoiser import sampling_sigmas, unet_denoiser
-from t2i.pipeline.memory import attention_is_quadratic, generation_floor, out_of_memory_named
+from t2i.pipeline.memory import attention_is_quadratic, generation_floor, out_of_memory_named, upscaler_floor
 from t2i.pipeline.speed import SpeedOptions, apply_speed_options, dtype_name, network_dtype
 from t2i.pipeline.upscaler import Upscaler
 
@@ -60,6 +60,12 @@ def device_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _gib(size: int) -> str:
+    """Bytes as GiB, to a tenth below 10 ("0.4", not "0")."""
+    gib = size / 2**30
+    return f"{gib:.1f}" if gib < 10 else f"{gib:.0f}"
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -242,6 +248,9 @@ class Text2ImagePipeline:
             _check_number("batch_size", batch_size, 1, None, integer=True)
         batch_size = batch_size or len(prompts)
         self.check_memory(min(batch_size, len(prompts)), height, width, guided=guidance != 1.0)
+        if upscale:
+            self.check_upscale_memory(min(batch_size, len(prompts)), height, width,
+                                      guided=self.sr.defaults["guidance_scale"] != 1.0)
         images: list[Image.Image] = []
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress or len(starts) == 1):
@@ -309,11 +318,15 @@ class Text2ImagePipeline:
         _check_number("num_inference_steps", steps, 1, trained, integer=True)
         noise_level = noise_level if noise_level is not None else defaults["noise_level"]
         _check_number("noise_level", noise_level, 0, None, integer=True)
+        self.check_upscale_memory(len(images), height, width, guided=guidance != 1.0)
         pixels = torch.stack([torch.from_numpy(np.asarray(to_rgb8(image), dtype=np.float32))
                               for image in images]).permute(0, 3, 1, 2) / 127.5 - 1  # (B, 3, h, w) in [-1, 1]
-        high = sr.sample(pixels, self.encode_prompts(prompts),
-                         self.encode_prompts(negatives) if guidance != 1.0 else None, _as_seed_list(seed, len(images)),
-                         steps, guidance, noise_level, sampler or defaults["sampler"])
+        context = self.encode_prompts(prompts)
+        negative_context = self.encode_prompts(negatives) if guidance != 1.0 else None
+        with out_of_memory_named(f"upscaling to {height * sr.factor}x{width * sr.factor}", len(images), height,
+                                 width, self.device):
+            high = sr.sample(pixels, context, negative_context, _as_seed_list(seed, len(images)), steps, guidance,
+                             noise_level, sampler or defaults["sampler"])
         return _to_pil(high)
 
     def _check_size(self, height: int, width: int) -> tuple[int, int]:
@@ -333,11 +346,22 @@ class Text2ImagePipeline:
         quadratic = attention_is_quadratic(self.device, self.dtype)
         needed = generation_floor(self.unet.config, self.vae.config, self.latent_factor, batch_size, height, width,
                                   self.dtype.itemsize, guided, unet_quadratic=quadratic, vae_quadratic=quadratic)
+        self._refuse_beyond_memory(needed, f"{height}x{width} at batch {batch_size}", "to sample and decode")
+
+    def check_upscale_memory(self, batch_size: int, height: int, width: int, guided: bool = False) -> None:
+        """As `check_memory`, for the SR stage making `batch_size` images sr.factor times a height x width input."""
+        sr = self._require_sr()
+        dtype = sr.unet.dtype
+        needed = upscaler_floor(sr.unet.config, sr.patch_size, sr.factor, batch_size, height, width, dtype.itemsize,
+                                guided, attention_is_quadratic(self.device, dtype))
+        self._refuse_beyond_memory(needed, f"{height}x{width} at batch {batch_size}",
+                                   f"to upscale to {height * sr.factor}x{width * sr.factor}")
+
+    def _refuse_beyond_memory(self, needed: int, what: str, doing: str) -> None:
         available = device_memory(self.device)
         if needed > available:
-            raise T2IError(f"{height}x{width} at batch {batch_size} needs at least {needed / 2**30:.0f} GiB to sample "
-                           f"and decode, more than the {available / 2**30:.0f} GiB of this {self.device.type} device; "
-                           "use a smaller size or batch size")
+            raise T2IError(f"{what} needs at least {_gib(needed)} GiB {doing}, more than the {_gib(available)} GiB "
+                           f"of this {self.device.type} device; use a smaller size or batch size")
 
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
