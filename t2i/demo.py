@@ -26,7 +26,7 @@ from t2i.eval.evaluate import (
     evaluate_upscaled,
     sr_fidelity,
 )
-from t2i.eval.report import write_report
+from t2i.eval.report import Check, write_report
 from t2i.pipeline import Text2ImagePipeline
 from t2i.pipeline.pipeline import resolve_device
 from t2i.training import run_lock
@@ -87,11 +87,18 @@ def _run_demo(out: Path, device: str, config, resume_weights_only: bool) -> dict
         timings["sr: extra time"] = sum(v for k, v in timings.items() if k.startswith("sr:"))
         timings["total"] = time.perf_counter() - started
         settings["sr"] = pipe.sr.defaults
+
+    def checks(timings: dict) -> list[Check]:
+        base = _checks(evaluation.summary, timings, resumed)
+        return base + (_cascade_checks(evaluation, upscaled, fidelity, timings, resumed) if cascade else [])
+
     grid, report = write_report(out, evaluation, out, list(config.stages), timings, settings, upscaled, fidelity,
-                                 resumed, started)
-    _print_summary(evaluation.summary, Counter(evaluation.categories), timings, grid, report, pipeline_dir, resumed)
+                                 resumed, started, checks)
+    _print_summary(evaluation.summary, Counter(evaluation.categories), _checks(evaluation.summary, timings, resumed),
+                   grid, report, pipeline_dir, resumed)
     if cascade:
-        _print_cascade(evaluation, upscaled, fidelity, timings, resumed)
+        _print_cascade(fidelity, upscaled, evaluation, _cascade_checks(evaluation, upscaled, fidelity, timings, resumed),
+                       resumed)
     return {"summary": evaluation.summary, "timings": timings, "pipeline": pipeline_dir, "report": report,
             **({"upscaled_summary": upscaled.summary, "fidelity": fidelity} if cascade else {})}
 
@@ -107,50 +114,55 @@ def _held_out_fidelity(pipe: Text2ImagePipeline, config) -> Fidelity:
     return sr_fidelity(pipe, truth, [item["caption"] for item in items])
 
 
-def _print_cascade(base: Evaluation, upscaled: Evaluation, fidelity: Fidelity, timings: dict, resumed: bool) -> None:
+def _cascade_checks(base: Evaluation, upscaled: Evaluation, fidelity: Fidelity, timings: dict,
+                    resumed: bool) -> list[Check]:
     size = upscaled.images[0].width
     base_correct, sr_correct = base.summary["all"]["correct"], upscaled.summary["all"]["correct"]
-    margin = fidelity.psnr - fidelity.psnr_bicubic
-    print(f"cascade (SR stage, {base.images[0].width} -> {size} px):")
+    return [
+        Check(f"fully correct at {size} px", sr_correct, base_correct - CASCADE_TARGETS["correct_drop"], True),
+        Check("PSNR over bicubic, dB", fidelity.psnr - fidelity.psnr_bicubic, CASCADE_TARGETS["psnr_margin_db"], True),
+        Check("SR extra time, s", timings["sr: extra time"], None, False),
+        Check("wall time, s", timings["total"], None if resumed else CASCADE_TARGETS["seconds"], False),
+    ]
+
+
+def _print_cascade(fidelity: Fidelity, upscaled: Evaluation, base: Evaluation, checks: list[Check],
+                   resumed: bool) -> None:
+    print(f"cascade (SR stage, {base.images[0].width} -> {upscaled.images[0].width} px):")
     print(f"  held-out PSNR: SR {fidelity.psnr:.2f} dB, bicubic {fidelity.psnr_bicubic:.2f} dB; SSIM: SR "
           f"{fidelity.ssim:.4f}, bicubic {fidelity.ssim_bicubic:.4f}")
-    checks = [
-        (f"fully correct at {size} px", sr_correct, base_correct - CASCADE_TARGETS["correct_drop"], True),
-        ("PSNR over bicubic, dB", margin, CASCADE_TARGETS["psnr_margin_db"], True),
-        ("SR extra time, s", timings["sr: extra time"], None, False),
-        ("wall time, s", timings["total"], None if resumed else CASCADE_TARGETS["seconds"], False),
-    ]
     _print_checks(checks, resumed)
 
 
-def _print_summary(summary: dict, images: Counter, timings: dict, grid: Path, report: Path,
+def _checks(summary: dict, timings: dict, resumed: bool) -> list[Check]:
+    return [
+        Check("seen fully correct", summary.get("seen", {}).get("correct", 0.0), TARGETS["seen"], True),
+        Check("held-out fully correct", summary.get("held_out", {}).get("correct", 0.0), TARGETS["held_out"], True),
+        Check("colour (all prompts)", summary["all"]["colour"], TARGETS["colour"], True),
+        # In a --cascade run the SR stage's extra time is judged apart, against its own target.
+        Check("wall time, s", timings["total"] - timings.get("sr: extra time", 0.0),
+              None if resumed else TARGETS["seconds"], False),
+    ]
+
+
+def _print_summary(summary: dict, images: Counter, checks: list[Check], grid: Path, report: Path,
                    pipeline_dir: Path, resumed: bool) -> None:
     print("\njudged accuracy (fraction of images):")
     for category, scores in summary.items():
         count = images.total() if category == "all" else images[category]
         print(f"  {category:<11}" + "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
               + f"  ({count} images)")
-    checks = [
-        ("seen fully correct", summary.get("seen", {}).get("correct", 0.0), TARGETS["seen"], True),
-        ("held-out fully correct", summary.get("held_out", {}).get("correct", 0.0), TARGETS["held_out"], True),
-        ("colour (all prompts)", summary["all"]["colour"], TARGETS["colour"], True),
-        # In a --cascade run the SR stage's extra time is judged apart, against its own target.
-        ("wall time, s", timings["total"] - timings.get("sr: extra time", 0.0), None if resumed else TARGETS["seconds"],
-         False),
-    ]
     print("targets:")
     _print_checks(checks, resumed)
     print(f"pipeline: {pipeline_dir}\ngrid:     {grid}\nreport:   {report}")
 
 
-def _print_checks(checks: list[tuple[str, float, float | None, bool]], resumed: bool) -> None:
+def _print_checks(checks: list[Check], resumed: bool) -> None:
     """One line a check: its value, and whether it meets its target; a time of a resumed run is not judged."""
-    for name, value, target, higher_is_better in checks:
-        if target is None:
-            note = "  (not judged: this run resumed one begun earlier)" if resumed and name.endswith(", s") else ""
-            print(f"  {name:<24}{value:8.2f}{note}")
+    for check in checks:
+        if check.target is None:
+            note = "  (not judged: this run resumed one begun earlier)" if resumed and check.name.endswith(", s") else ""
+            print(f"  {check.name:<24}{check.value:8.2f}{note}")
             continue
-        met = value >= target if higher_is_better else value <= target
-        # Targets derived from a measured value (the base's fraction - 0.05) to the two places values are shown at.
-        print(f"  {name:<24}{value:8.2f}  target {'≥' if higher_is_better else '≤'} {round(target, 2):g}  "
-              f"{'met' if met else 'NOT met'}")
+        print(f"  {check.name:<24}{check.value:8.2f}  target {check.target_text()}  "
+              f"{'met' if check.met else 'NOT met'}")

@@ -208,6 +208,7 @@ def test_demo_cascade_trains_sr_and_reports_it(tmp_path, capsys):
     assert "cascade (SR stage, 32 -> 64 px)" in printed and "PSNR over bicubic" in printed
     assert (out / "pipeline" / "sr" / "sr.json").is_file()
     assert Image.open(out / "grid_upscaled.png").height > Image.open(out / "grid.png").height
+    assert "<td>PSNR over bicubic, dB</td>" in (out / "report.html").read_text()
 
 
 def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
@@ -228,6 +229,8 @@ def test_demo_writes_grid_report_and_pipeline(tmp_path, capsys):
     printed_total = re.search(r"wall time, s +([0-9.]+)", printed).group(1)
     reported_total = float(re.search(r"<td>total</td><td>([0-9.]+) s</td>", report).group(1))
     assert abs(float(printed_total) - reported_total) <= 0.05 + 1e-9  # one total, printed to 0.01 s, shown to 0.1 s
+    assert f"<td>wall time, s</td><td>{printed_total}</td><td>≤ 240</td>" in report  # the printed targets, as a table
+    assert "<td>held-out fully correct</td>" in report and "<td>unet</td><td>" in report
 
 
 def _run_python(script: str) -> subprocess.CompletedProcess:

@@ -2,14 +2,15 @@
 from collections import Counter
 from pathlib import Path
 
-from t2i.demo import _print_checks, _print_summary
+from t2i.demo import _checks, _print_checks, _print_summary
+from t2i.eval.report import Check
 
 SUMMARY = {"all": {"colour": 0.96, "correct": 0.7}, "seen": {"correct": 0.9}, "held_out": {"correct": 0.52}}
 
 
 def summary_lines(capsys, resumed: bool) -> list[str]:
-    _print_summary(SUMMARY, Counter(seen=96, held_out=48, two_object=48), {"total": 8.83}, Path("grid.png"),
-                   Path("report.html"), Path("pipeline"), resumed)
+    _print_summary(SUMMARY, Counter(seen=96, held_out=48, two_object=48), _checks(SUMMARY, {"total": 8.83}, resumed),
+                   Path("grid.png"), Path("report.html"), Path("pipeline"), resumed)
     return [line.strip() for line in capsys.readouterr().out.splitlines()]
 
 
@@ -21,5 +22,5 @@ def test_the_wall_time_of_a_resumed_demo_is_not_judged(capsys):
 
 
 def test_a_derived_target_is_printed_to_two_places_as_the_values_are(capsys):
-    _print_checks([("fully correct at 64 px", 0.68, 0.697917 - 0.05, True)], resumed=True)
+    _print_checks([Check("fully correct at 64 px", 0.68, 0.697917 - 0.05, True)], resumed=True)
     assert capsys.readouterr().out.strip() == "fully correct at 64 px      0.68  target ≥ 0.65  met"

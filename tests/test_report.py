@@ -51,3 +51,27 @@ def test_the_sampling_settings_read_as_words_not_a_json_dump(tmp_path):
     settings = {"steps": 30, "guidance_scale": 5.0, "sampler": "euler_a", "sr": {"noise_level": 50}}
     _, report = write_report(tmp_path, small_evaluation(), tmp_path, [], {"total": 1.0}, settings)
     assert "<p>Sampling: steps 30, guidance_scale 5.0, sampler euler_a; sr: noise_level 50</p>" in report.read_text()
+
+
+def test_the_report_shows_each_target_met_or_not_and_where_the_training_steps_went(tmp_path):
+    from t2i.eval.report import Check
+
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "metrics.jsonl").write_text('{"step": 20, "loss": 1.0, "elapsed_s": 1.2}\n'
+                                                    '{"step": 600, "loss": 0.5, "elapsed_s": 34.8}\n')
+    seen = []
+
+    def checks(timings: dict) -> list[Check]:
+        seen.append(dict(timings))
+        return [Check("seen fully correct", 0.9, 0.6, True), Check("wall time, s", timings["total"], 0.0, False),
+                Check("SR extra time, s", 3.0, None, False)]
+
+    _, report = write_report(tmp_path / "out", small_evaluation(), tmp_path, ["vae", "unet"], {"total": 1.0},
+                             {"steps": 30}, started=0.0, checks=checks)
+    page = report.read_text()
+    assert seen[0]["total"] > 1.0  # the checks see the total the page shows, set when the page was written
+    assert "<tr class='ok'><td>seen fully correct</td><td>0.90</td><td>≥ 0.6</td><td>met</td></tr>" in page
+    assert "<td>wall time, s</td>" in page and "<td>≤ 0</td><td>NOT met</td></tr>" in page
+    assert "<td>SR extra time, s</td><td>3.00</td><td></td><td>not judged</td>" in page
+    assert "<tr><td>vae</td><td>600 steps</td><td>34.8 s</td><td>58 ms a step</td></tr>" in page
+    assert "<td>unet</td>" not in page  # a stage without metrics has no row
