@@ -385,7 +385,7 @@ def _upscale(args) -> None:
         try:
             with Image.open(path) as image:
                 images.append(to_rgb8(image).copy())  # 16-bit scaled, not clipped white; alpha on white
-        except (OSError, UnidentifiedImageError) as error:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
             raise T2IError(f"cannot read image '{path}': {error}") from None
     pipe = Text2ImagePipeline.from_pretrained(args.model, device=args.device, allow_pickle=args.allow_pickle)
     _save_images(pipe.upscale(images, args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,

@@ -183,6 +183,19 @@ def test_an_image_that_cannot_be_written_is_one_clear_line(trained_run, tmp_path
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["upscale", "generate"])
+def test_an_image_over_pils_pixel_limit_is_one_clear_line(trained_run, tmp_path, capsys, monkeypatch, command):
+    """PIL's DecompressionBombError is no OSError: an image over twice MAX_IMAGE_PIXELS ended in its traceback."""
+    Image.new("RGB", (32, 32)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,024 pixels is then over twice the limit
+    args = (["upscale", str(tmp_path / "big.png"), "--prompt", "a red circle"] if command == "upscale"
+            else ["generate", "--from-image", str(tmp_path / "big.png")])
+    assert main([*args, "--model", str(trained_run / "pipeline"), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read image '{tmp_path / 'big.png'}': Image size (1024 pixels) exceeds limit" in err
+    assert "Traceback" not in err
+
+
 def test_unknown_sampler_is_rejected_with_the_valid_names(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", "x", "a red circle", "--sampler", "plms"])

@@ -81,7 +81,7 @@ def read_png_parameters(path: Path) -> dict:
     try:
         with Image.open(path) as image:
             text = image.info.get(PNG_KEY) if image.format == "PNG" else None
-    except (OSError, UnidentifiedImageError) as error:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as error:
         raise T2IError(f"cannot read image '{path}': {error}") from None
     if text is None:
         raise T2IError(f"'{path}' holds no '{PNG_KEY}' text chunk; only PNGs written by t2i batch or A1111 do")
