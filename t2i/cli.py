@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     generate.add_argument("--guidance", type=float, default=None,
                           help="classifier-free guidance scale; 1 disables guidance (default: the pipeline's)")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the first image (default: 0)")
+    generate.add_argument("--seed", type=int, default=None, help="seed of the first image (default: 0)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                           help="sampling method (default: the one saved with the pipeline); see docs/samplers.md")
     generate.add_argument("--eta", type=float, default=0.0,
@@ -333,6 +333,7 @@ def _generate(args) -> None:
         _take_parameters_from_image(args)
     elif args.prompt is None:
         raise T2IError("give a prompt, or --from-image PNG")
+    args.seed = 0 if args.seed is None else args.seed
     from t2i.pipeline.speed import SpeedOptions
 
     paths = _image_paths(args.out, args.num_images)
@@ -397,6 +398,13 @@ def _take_parameters_from_image(args) -> None:
 
     if args.prompt is not None:
         raise T2IError("give a prompt or --from-image, not both")
+    given = [option for option, value in (("--negative", args.negative), ("--steps", args.steps),
+                                          ("--guidance", args.guidance), ("--seed", args.seed),
+                                          ("--sampler", args.sampler), ("--height", args.height),
+                                          ("--width", args.width)) if value is not None]
+    if given:  # they would be overwritten by the image's own values
+        raise T2IError(f"--from-image takes {', '.join(given)} from the image; leave "
+                       f"{'it' if len(given) == 1 else 'them'} out")
     embedded = read_png_parameters(args.from_image)
     if embedded["model_hash"] and embedded["model_hash"] != model_hash(args.model):
         print(f"t2i: warning: {args.from_image} was made by model hash {embedded['model_hash']}, not "

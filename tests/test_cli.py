@@ -147,6 +147,10 @@ def test_generate_with_a_sampler_written_in_t2i(trained_run, tmp_path, sampler):
     (["generate", "--model", "{pipeline}", "x", "--out", "{tmp}/file/x.png"], "'{tmp}/file' is a file, not a folder"),
     (["generate", "--model", "{pipeline}", "--from-image", "{tmp}/file"], "cannot read image '{tmp}/file'"),
     (["generate", "--model", "{pipeline}", "--from-image", "{tmp}"], "image '{tmp}' is a folder, not an image file"),
+    (["generate", "--model", "{pipeline}", "--from-image", "{tmp}/file", "--seed", "3"],  # was silently overwritten
+     "--from-image takes --seed from the image; leave it out"),
+    (["generate", "--model", "{pipeline}", "--from-image", "{tmp}/file", "--steps", "9", "--sampler", "ddim"],
+     "--from-image takes --steps, --sampler from the image; leave them out"),
     (["batch", "--merge", "{pipeline}"], "is not a batch job's output folder"),
     (["batch", "--model", "{pipeline}", "--prompts", "{tmp}/p.txt", "--out", "{tmp}/file"],
      "--out '{tmp}/file' is a file; give a folder"),
