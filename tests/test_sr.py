@@ -248,6 +248,18 @@ def test_a_4x_stage_upscales_by_four_and_saves_its_factor(cascade, tmp_path):
     assert Upscaler.from_pretrained(tmp_path / "sr").factor == 4
 
 
+def test_casting_the_sr_stage_prints_no_diffusers_warning(cascade, monkeypatch):
+    """`pipe.to(torch.bfloat16)` and `speed_up` cast the SR U-Net with diffusers' own `to`, which warned "set
+    `torch_dtype` in `from_pretrained()` instead", advice a t2i user cannot follow; the base networks never did."""
+    from diffusers.models import modeling_utils
+
+    warned = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda message, *args, **kwargs: warned.append(message))
+    sr = tiny_upscaler(cascade).to(torch.device("cpu"), torch.bfloat16)
+    assert next(sr.unet.parameters()).dtype == torch.bfloat16
+    assert warned == []
+
+
 def test_a_4x_stage_on_shapes_is_checked_against_the_sizes_shapes_are_drawn_at():
     with pytest.raises(ValueError, match="renders shapes at data.resolution x sr.factor = 256"):
         load_config(TINY_CONFIG, ["stages=[vae,clip,unet,sr]", "data.resolution=64", "sr.factor=4"])

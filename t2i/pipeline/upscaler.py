@@ -128,7 +128,7 @@ class Upscaler:
     def to(self, device: torch.device, dtype: torch.dtype) -> Upscaler:
         self.unet.to(device)
         if next(self.unet.parameters()).dtype != dtype:
-            self.unet.to(dtype)
+            torch.nn.Module.to(self.unet, dtype)  # diffusers' own `to` warns at every dtype cast
         return self
 
     def save_pretrained(self, folder: Path) -> None:
