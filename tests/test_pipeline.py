@@ -273,3 +273,17 @@ def test_latents_a_sampler_made_non_finite_are_blamed_on_the_sampler_not_the_une
     monkeypatch.setattr(pipeline_module, "make_scheduler", failing)
     with pytest.raises(T2IError, match="sampler 'euler' produced non-finite latents at 3 steps"):
         tiny_pipeline("a red circle", sampler="euler", num_inference_steps=3)
+
+
+def test_options_that_guidance_one_turns_off_are_reported(tiny_pipeline, caplog):
+    """At guidance 1 the negative prompt and guidance_rescale did nothing, and nothing said so."""
+    with caplog.at_level(logging.WARNING, logger="t2i"):
+        tiny_pipeline("a red circle", negative_prompt="blue", guidance_scale=1.0, guidance_rescale=0.7,
+                      num_inference_steps=1)
+    assert caplog.messages == ["guidance_scale 1 turns classifier-free guidance off, so the negative prompt and "
+                               "guidance_rescale are not used"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="t2i"):
+        tiny_pipeline("a red circle", negative_prompt="blue", guidance_scale=2.0, num_inference_steps=1)
+        tiny_pipeline(["a red circle"] * 2, negative_prompt=["", None], guidance_scale=1.0, num_inference_steps=1)
+    assert caplog.messages == []

@@ -237,6 +237,13 @@ class Text2ImagePipeline:
             _check_number("dynamic_threshold", dynamic_threshold, None, None)
             if not 0 < dynamic_threshold <= 1:
                 raise T2IError(f"dynamic_threshold is a percentile in (0, 1], 0.995 in Imagen; got {dynamic_threshold}")
+        if guidance == 1.0:  # the unconditional pass, which the negative prompt and the rescale act on, is skipped
+            sr_guided = upscale and self.sr is not None and self.sr.defaults["guidance_scale"] != 1.0
+            unused = [name for name, used in (("the negative prompt", any(negatives) and not sr_guided),
+                                              ("guidance_rescale", guidance_rescale)) if used]
+            if unused:
+                logger.warning("guidance_scale 1 turns classifier-free guidance off, so %s %s not used",
+                               " and ".join(unused), "is" if len(unused) == 1 else "are")
         height = self.default_size if height is None else height
         width = self.default_size if width is None else width
         height, width = self._check_size(height, width)
