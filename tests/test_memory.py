@@ -38,6 +38,15 @@ def test_a_size_whose_unet_cannot_fit_is_refused_though_its_decoding_would(tiny_
         tiny_pipeline.check_memory(1, 4096, 4096)
 
 
+def test_a_need_just_over_the_memory_does_not_read_as_equal_to_it(tiny_pipeline, monkeypatch):
+    """Rounded to whole GiB, 100,000 images at 32x32 read "needs at least 24 GiB, more than the 24 GiB"."""
+    reports_memory(monkeypatch, 24 * GiB)
+    with pytest.raises(T2IError, match=r"needs at least 24.40 GiB to do it, more than the 24.00 GiB of this"):
+        tiny_pipeline._refuse_beyond_memory(int(24.4 * GiB), "it", "to do it")
+    with pytest.raises(T2IError, match=r"needs at least 30 GiB to do it, more than the 24 GiB of this"):
+        tiny_pipeline._refuse_beyond_memory(30 * GiB, "it", "to do it")
+
+
 @pytest.mark.parametrize("size", sorted(RAN_IN))
 def test_a_size_that_ran_is_not_refused_on_a_device_of_its_measured_peak(tiny_pipeline, monkeypatch, size):
     reports_memory(monkeypatch, RAN_IN[size])

@@ -367,7 +367,10 @@ class Text2ImagePipeline:
     def _refuse_beyond_memory(self, needed: int, what: str, doing: str) -> None:
         available = device_memory(self.device)
         if needed > available:
-            raise T2IError(f"{what} needs at least {_gib(needed)} GiB {doing}, more than the {_gib(available)} GiB "
+            need, have = _gib(needed), _gib(available)
+            if need == have:  # 24.4 GiB on a 24.0 GiB machine must not read "24 GiB, more than the 24 GiB"
+                need, have = f"{needed / 2**30:.2f}", f"{available / 2**30:.2f}"
+            raise T2IError(f"{what} needs at least {need} GiB {doing}, more than the {have} GiB "
                            f"of this {self.device.type} device; use a smaller size or batch size")
 
     @torch.inference_mode()
