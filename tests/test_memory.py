@@ -34,7 +34,8 @@ def test_a_size_whose_unet_cannot_fit_is_refused_though_its_decoding_would(tiny_
     # passed): on a device of 3 GiB it is refused before any work.
     reports_memory(monkeypatch, 3 * GiB)
     with pytest.raises(T2IError, match=r"^4096x4096 at batch 1 needs at least 4.0 GiB to sample and decode, more than "
-                                       r"the 3.0 GiB of this cpu device; use a smaller size or batch size$"):
+                                       r"the 3.0 GiB of this cpu device; use a smaller size, "
+                                       r"or fewer images at once \(a smaller batch size\)$"):
         tiny_pipeline.check_memory(1, 4096, 4096)
 
 
@@ -80,7 +81,8 @@ def test_torch_running_out_of_memory_is_one_line_naming_the_size(tiny_pipeline, 
         "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
         "allocate 268435456 bytes. Error code 12 (Cannot allocate memory)"))
     with pytest.raises(T2IError, match=rf"^32x32 at batch 2 ran out of memory while {doing} on this cpu device "
-                                       r"\(torch could not allocate 0.25 GiB more\); use a smaller size or batch size$"):
+                                       r"\(torch could not allocate 0.25 GiB more\); use a smaller size, "
+                                       r"or fewer images at once \(a smaller batch size\)$"):
         tiny_pipeline(["a", "b"], num_inference_steps=1, height=32, width=32)
     monkeypatch.setattr(getattr(tiny_pipeline, network), method, fail("mat1 and mat2 shapes cannot be multiplied"))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # other errors are not renamed
@@ -108,7 +110,8 @@ def test_the_sr_stage_has_a_floor_of_its_own_and_refuses_before_any_work(monkeyp
     called = []
     monkeypatch.setattr(pipe, "denoise", lambda *args, **kwargs: called.append(args))
     with pytest.raises(T2IError, match=r"^1024x1024 at batch 1 needs at least [\d.]+ GiB to upscale to 2048x2048, "
-                                       r"more than the [\d.]+ GiB of this cpu device; use a smaller size or batch size$"):
+                                       r"more than the [\d.]+ GiB of this cpu device; use a smaller size, "
+                                       r"or fewer images at once \(a smaller batch size\)$"):
         pipe("a red circle", height=1024, width=1024, upscale=True, guidance_scale=1.0)
     with pytest.raises(T2IError, match="to upscale to 2048x2048"):
         pipe.upscale(Image.new("RGB", (1024, 1024)), "a red circle")

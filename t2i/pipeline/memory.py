@@ -140,7 +140,8 @@ def out_of_memory_named(doing: str, batch_size: int, height: int, width: int, de
         reason = (f"torch could not allocate {int(cpu_request[1]) / 2**30:.2f} GiB more" if cpu_request
                   else message.strip().splitlines()[0] if message.strip() else type(error).__name__)
         raise T2IError(f"{height}x{width} at batch {batch_size} ran out of memory while {doing} on this {device.type} "
-                       f"device ({reason}); use a smaller size or batch size") from None
+                       f"device ({reason}); use a smaller size, or fewer images at once (a smaller batch "
+                       "size)") from None
 
 
 def _per_level(value: int | tuple[int, ...] | list[int], levels: int) -> list[int]:

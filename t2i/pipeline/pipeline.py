@@ -371,7 +371,8 @@ class Text2ImagePipeline:
             if need == have:  # 24.4 GiB on a 24.0 GiB machine must not read "24 GiB, more than the 24 GiB"
                 need, have = f"{needed / 2**30:.2f}", f"{available / 2**30:.2f}"
             raise T2IError(f"{what} needs at least {need} GiB {doing}, more than the {have} GiB "
-                           f"of this {self.device.type} device; use a smaller size or batch size")
+                           f"of this {self.device.type} device; use a smaller size, or fewer images at once (a "
+                           "smaller batch size)")
 
     @torch.inference_mode()
     def denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
