@@ -384,12 +384,18 @@ class Text2ImagePipeline:
         `negative_context` is needed unless guidance is 1; the U-Net sees both halves in one batched forward.
         `guide` (see `classifier_guide`) shifts the guided prediction at every step: classifier guidance.
         """
+        with out_of_memory_named("sampling", len(seeds), height, width, self.device):
+            return self._denoise(context, negative_context, seeds, steps, guidance, height, width, sampler, eta,
+                                 guidance_rescale, dynamic_threshold, guide)
+
+    def _denoise(self, context: torch.Tensor, negative_context: torch.Tensor | None, seeds: list[int], steps: int,
+                 guidance: float, height: int, width: int, sampler: str, eta: float, guidance_rescale: float,
+                 dynamic_threshold: float | None, guide: Guide | None) -> torch.Tensor:
         if sampler in SCORE_SAMPLERS:
             if eta != 0.0:  # their noise is their own (Langevin steps, the SDE's); DDIM's η has no place in it
                 raise T2IError(f"eta {eta} is DDIM's; sampler {sampler!r} takes none: use --sampler ddim")
-            with out_of_memory_named("sampling", len(seeds), height, width, self.device):
-                return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height,
-                                                       width, sampler, guidance_rescale, dynamic_threshold, guide)
+            return self.denoise_with_score_sampler(context, negative_context, seeds, steps, guidance, height, width,
+                                                   sampler, guidance_rescale, dynamic_threshold, guide)
         scheduler = make_scheduler(sampler, self.scheduler_config, dynamic_threshold)
         use_guidance = guidance != 1.0  # at w = 1 guidance is the conditional prediction: skip the ∅ pass
         context = _guided_context(context, negative_context, guidance)
@@ -407,8 +413,7 @@ class Text2ImagePipeline:
         for t, unet_t in zip(scheduler.timesteps, unet_timesteps, strict=True):
             model_input = torch.cat([latents] * 2) if use_guidance else latents
             model_input = scheduler.scale_model_input(model_input, t).to(self.dtype)
-            with out_of_memory_named("sampling", len(seeds), height, width, self.device):
-                prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
+            prediction = self.unet(model_input, unet_t, encoder_hidden_states=context).sample.float()
             unet_failed |= torch.isfinite(model_input).all() & ~torch.isfinite(prediction).all()
             if learned_variance:  # guidance acts on the prediction half alone
                 prediction, variance = split_variance(prediction)
