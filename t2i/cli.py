@@ -301,7 +301,7 @@ def _finetune_overrides(args) -> list[str]:
 def _validation_prompts(path: Path) -> list[str]:
     """The prompts of a --validation-prompts file, one a line (UTF-8, a byte-order mark dropped), blank lines and
     comments ('#' first) skipped as in `t2i batch`'s .txt files."""
-    from t2i.jobs.items import TXT_COMMENT
+    from t2i.jobs.items import is_prompt_line
 
     if not path.is_file():
         raise T2IError(f"--validation-prompts file '{path}' does not exist" if not path.exists() else
@@ -311,7 +311,7 @@ def _validation_prompts(path: Path) -> list[str]:
     except UnicodeDecodeError as error:
         raise T2IError(f"--validation-prompts file '{path}' is not UTF-8 text ({error.reason} at byte "
                        f"{error.start}); save it as UTF-8") from None
-    prompts = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(TXT_COMMENT)]
+    prompts = [line.strip() for line in text.splitlines() if is_prompt_line(line)]
     if not prompts:
         raise T2IError(f"--validation-prompts file '{path}' holds no prompts (every line is blank or a comment); "
                        "write one a line, or leave the option out to preview captions from the data")

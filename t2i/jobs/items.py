@@ -24,7 +24,6 @@ INT_FIELDS = ("seed", "steps", "height", "width", "num_images")
 SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 DERIVED_ID_LENGTH = 12  # hex digits of sha256: collisions need ~16 M items
 MAX_SEED = 2**31 - 1
-TXT_COMMENT = "#"  # a .txt line whose first non-blank character this is, is a comment
 OPTION_OF_FIELD = {"negative_prompt": "negative"}  # `t2i batch --negative`: the rest are the field's name
 # A job's images are planned in memory (about 0.25 kB each) and listed in one manifest and one gallery page, so a
 # typo such as num_images 100000000 would otherwise exhaust memory before the first image.
@@ -166,11 +165,17 @@ def _lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", text)
 
 
+def is_prompt_line(line: str) -> bool:
+    """In a one-prompt-a-line file (a .txt prompt file, finetune's --validation-prompts), blank lines and comment
+    lines (first non-blank character '#') hold no prompt. A prompt that starts with '#' is written in .jsonl or
+    .csv, whose formats have no comments."""
+    stripped = line.strip()
+    return bool(stripped) and not stripped.startswith("#")
+
+
 def _read_txt(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
-    """One prompt a line; blank lines and comment lines (first non-blank character '#') are not items. A prompt
-    that starts with '#' is written in .jsonl or .csv, whose formats have no comments."""
     return [(number, {"prompt": line.strip()}) for number, line in enumerate(_lines(text), 1)
-            if line.strip() and not line.strip().startswith(TXT_COMMENT)], []
+            if is_prompt_line(line)], []
 
 
 def _read_jsonl(text: str) -> tuple[list[tuple[int, dict]], list[Problem]]:
